@@ -1,0 +1,73 @@
+"""Errors of the edge agent. Foreign exceptions (aiohttp, ssl, OSError, sqlite3, cryptography)
+are translated where they enter the agent, with ``raise ... from exc``.
+
+    AgentError
+    ├── ConfigurationError    a setting or argument is missing, contradictory or unsafe
+    ├── EnrollmentError       enrollment did not complete; carries `status` and `code`
+    │   ├── ServerUnreachable network, TLS or timeout failure talking to the control plane
+    │   └── CAPinMismatch     the CA the server presents is not the pinned bootstrap CA
+    ├── NotEnrolled           the state directory holds no enrollment yet
+    ├── StateError            local state is unreadable or inconsistent
+    └── ApplyError            a handler could not apply a desired state (last-known-good kept)
+
+MQTT connection errors never leave `Agent.run`: the session reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every agent error. `code` is a stable machine-readable reason."""
+
+    code = "agent_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigurationError(AgentError):
+    code = "configuration_error"
+
+
+class EnrollmentError(AgentError):
+    """Enrollment failed. `status` is the HTTP status if the server answered, `code` the
+    server's error code (e.g. ``token_expired``) or a local one (``unreachable``...)."""
+
+    code = "enrollment_failed"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}, " if self.status is not None else ""
+        return f"{self.message} ({where}{self.code})"
+
+
+class ServerUnreachable(EnrollmentError):
+    code = "unreachable"
+
+
+class CAPinMismatch(EnrollmentError):
+    code = "ca_fingerprint_mismatch"
+
+
+class NotEnrolled(AgentError):
+    code = "not_enrolled"
+
+
+class StateError(AgentError):
+    code = "state_error"
+
+
+class ApplyError(AgentError):
+    """A handler refused or failed to apply a desired state. `detail` goes into the report."""
+
+    code = "apply_failed"
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message

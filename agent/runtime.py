@@ -1,0 +1,296 @@
+"""`Agent`: the long-lived MQTT session of one device.
+
+    run()
+     └─ forever: connect (mTLS, persistent session, will = offline)      ← backoff + jitter
+          ├─ publish status online (retained, QoS 1)
+          ├─ subscribe to its desired topic (QoS 1)
+          ├─ desired loop: message → Reconciler → ReportedState (QoS 1)
+          └─ health loop: HealthReport every interval (QoS 0, persisted seq)
+        on cancel: publish status offline (retained), disconnect cleanly, re-raise
+
+Nothing here is global and nothing blocks the loop, so the simulator runs thousands of
+agents in one event loop. Connection errors never leave `run()`: they are logged, counted in
+`stats` and followed by a reconnect after `backoff_delay`. `run()` returns only by
+cancellation; a missing enrollment or unusable certificate raises before the first connect.
+
+The backoff counter resets only after a session stayed up for `reconnect_max_s`, so a broker
+that accepts and immediately drops us (ACL, duplicate client id) is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiomqtt
+
+from agent import AGENT_VERSION
+from agent.backoff import backoff_delay
+from agent.errors import AgentError
+from agent.handlers import ApplyHandler
+from agent.health import HealthProbe, HealthSample
+from agent.logs import DeviceLog
+from agent.reconciler import Reconciler, trusted_keys
+from agent.settings import AgentSettings
+from agent.state import AgentState
+from agent.tls import broker_client_context
+from protocol.messages import ConnectionState, DeviceStatus, HealthReport
+from protocol.topics import TopicKind, device_topic
+
+logger = logging.getLogger(__name__)
+
+QOS_AT_LEAST_ONCE = 1
+QOS_AT_MOST_ONCE = 0
+_UNMEASURED = HealthSample(cpu_percent=0.0, memory_percent=0.0, disk_percent=0.0, uptime_s=0.0, healthy=False)
+
+
+@dataclass(slots=True)
+class AgentStats:
+    """Counters for the simulator and the demo; nothing reads them back."""
+
+    connect_attempts: int = 0
+    connects: int = 0
+    connection_losses: int = 0
+    desired_received: int = 0
+    reports_published: int = 0
+    health_published: int = 0
+    last_error: str | None = None
+
+
+class Agent:
+    """One device's agent. Build it from an enrolled `AgentState`; `await run()` until cancelled.
+
+    Observable: `connected`, `applied_version`, `reconnects`, `stats`; `wait_connected()`
+    and `wait_applied(version)`; `on_applied(version)` is called after each successful apply.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        state: AgentState,
+        handler: ApplyHandler,
+        probe: HealthProbe,
+        *,
+        on_applied: Callable[[int], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        enrollment = state.require_enrollment()
+        self.settings = settings
+        self.state = state
+        self.probe = probe
+        self.device_id = enrollment.device_id
+        self.store_id = enrollment.store_id
+        self.broker_host = settings.broker_host or enrollment.broker_host
+        self.broker_port = settings.broker_port or enrollment.broker_port
+        self.health_interval_s = settings.health_interval_s or enrollment.health_interval_s
+        self.log = DeviceLog(logger, self.device_id)
+        self.stats = AgentStats()
+        self._on_applied = on_applied
+        # Reconnect jitter only: not security-relevant.
+        self._rng = rng or random.Random()  # noqa: S311
+        self._tls: ssl.SSLContext | None = None
+        self._up_since: float | None = None  # loop time the current session connected
+        self._connected = asyncio.Event()
+        self._applied_signal = asyncio.Event()
+        self.reconciler = Reconciler(
+            device_id=self.device_id,
+            state=state,
+            handler=handler,
+            keys=trusted_keys(state.signing_keys()),
+            on_applied=self._applied,
+            log=self.log,
+        )
+        self.topics = {kind: device_topic(self.device_id, kind) for kind in TopicKind}
+
+    # --- observation -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def applied_version(self) -> int:
+        return self.reconciler.applied_version
+
+    @property
+    def reconnects(self) -> int:
+        """Successful connections after the first one."""
+        return max(0, self.stats.connects - 1)
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def wait_applied(self, version: int) -> None:
+        """Return once `version` (or a newer one) is in force."""
+        while self.applied_version < version:
+            await self._applied_signal.wait()
+
+    def _applied(self, version: int) -> None:
+        signal, self._applied_signal = self._applied_signal, asyncio.Event()
+        signal.set()
+        if self._on_applied is not None:
+            self._on_applied(version)
+
+    # --- the session -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self._tls is None:
+            self._tls = await self.state.io(broker_client_context, self.state)
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            self.stats.connect_attempts += 1
+            self._up_since = None
+            try:
+                await self._session(self._tls)
+            except aiomqtt.MqttError as exc:
+                self._note_error(exc, unexpected=False)
+            except Exception as exc:
+                self._note_error(exc, unexpected=True)
+            self._connected.clear()
+            if self._up_since is not None:
+                self.stats.connection_losses += 1
+                stable = loop.time() - self._up_since >= self.settings.reconnect_max_s
+                attempt = 1 if stable else attempt + 1
+            else:
+                attempt += 1
+            delay = backoff_delay(
+                attempt,
+                minimum=self.settings.reconnect_min_s,
+                maximum=self.settings.reconnect_max_s,
+                rng=self._rng,
+            )
+            self.log.info("reconnecting to %s:%s in %.1fs", self.broker_host, self.broker_port, delay)
+            await asyncio.sleep(delay)
+
+    def _note_error(self, exc: BaseException, *, unexpected: bool) -> None:
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        if unexpected:
+            self.log.error("session failed: %s", self.stats.last_error, exc_info=exc)
+        else:
+            self.log.warning("broker connection lost or refused: %s", exc)
+
+    def _client(self, context: ssl.SSLContext) -> aiomqtt.Client:
+        offline = DeviceStatus(
+            device_id=self.device_id, state=ConnectionState.OFFLINE, agent_version=AGENT_VERSION
+        )
+        client = aiomqtt.Client(
+            self.broker_host,
+            self.broker_port,
+            identifier=self.device_id,
+            clean_session=False,
+            keepalive=self.settings.keepalive_s,
+            timeout=self.settings.mqtt_timeout_s,
+            tls_context=context,
+            will=aiomqtt.Will(
+                self.topics[TopicKind.STATUS], offline.to_json(), qos=QOS_AT_LEAST_ONCE, retain=True
+            ),
+        )
+        # aiomqtt exposes no connect timeout; paho's bounds the TCP connect and TLS handshake.
+        client._client.connect_timeout = self.settings.connect_timeout_s
+        return client
+
+    async def _session(self, context: ssl.SSLContext) -> None:
+        async with self._client(context) as client:
+            self._up_since = asyncio.get_running_loop().time()
+            self.stats.connects += 1
+            self._connected.set()
+            self.log.info("connected to %s:%s", self.broker_host, self.broker_port)
+            try:
+                await self._publish_status(client, ConnectionState.ONLINE)
+                await client.subscribe(self.topics[TopicKind.DESIRED], qos=QOS_AT_LEAST_ONCE)
+                await _until_one_fails(
+                    asyncio.create_task(self._desired_loop(client), name=f"desired:{self.device_id}"),
+                    asyncio.create_task(self._health_loop(client), name=f"health:{self.device_id}"),
+                )
+            except asyncio.CancelledError:
+                self._connected.clear()
+                await self._say_goodbye(client)
+                raise
+            finally:
+                self._connected.clear()
+
+    async def _publish_status(self, client: aiomqtt.Client, state: ConnectionState) -> None:
+        status = DeviceStatus(device_id=self.device_id, state=state, agent_version=AGENT_VERSION)
+        await client.publish(
+            self.topics[TopicKind.STATUS], status.to_json(), qos=QOS_AT_LEAST_ONCE, retain=True
+        )
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        """Clean shutdown: say offline ourselves (a clean DISCONNECT suppresses the will)."""
+        try:
+            await self._publish_status(client, ConnectionState.OFFLINE)
+        except aiomqtt.MqttError as exc:
+            self.log.warning("could not publish offline status: %s", exc)
+        else:
+            self.log.info("disconnecting")
+
+    async def _desired_loop(self, client: aiomqtt.Client) -> None:
+        desired_topic = self.topics[TopicKind.DESIRED]
+        async for message in client.messages:
+            if not message.topic.matches(desired_topic):
+                continue
+            if not message.payload:
+                # An empty retained message clears the desired state; nothing to apply.
+                self.log.debug("ignoring empty desired message")
+                continue
+            self.stats.desired_received += 1
+            report = await self.reconciler.handle(bytes(message.payload))
+            await client.publish(self.topics[TopicKind.REPORTED], report.to_json(), qos=QOS_AT_LEAST_ONCE)
+            self.stats.reports_published += 1
+
+    async def _health_loop(self, client: aiomqtt.Client) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            report = await self._health_report()
+            await client.publish(self.topics[TopicKind.HEALTH], report.to_json(), qos=QOS_AT_MOST_ONCE)
+            self.stats.health_published += 1
+            next_at += self.health_interval_s
+            now = loop.time()
+            if next_at < now:  # we fell behind (slow probe, busy loop): don't burst
+                next_at = now + self.health_interval_s
+            await asyncio.sleep(next_at - now)
+
+    async def _health_report(self) -> HealthReport:
+        try:
+            async with asyncio.timeout(self.settings.probe_timeout_s):
+                sample = await self.probe.sample()
+        except (AgentError, TimeoutError) as exc:
+            self.log.warning("health probe failed: %s", exc or "timed out")
+            sample = _UNMEASURED
+        seq = await self.state.io(self.state.next_health_seq)
+        return HealthReport(
+            device_id=self.device_id,
+            seq=seq,
+            cpu_percent=sample.cpu_percent,
+            memory_percent=sample.memory_percent,
+            disk_percent=sample.disk_percent,
+            uptime_s=sample.uptime_s,
+            applied_version=self.applied_version,
+            healthy=sample.healthy,
+        )
+
+
+async def _until_one_fails(*tasks: asyncio.Task[None]) -> None:
+    """Run never-ending child loops until one fails; then cancel the rest, await them and raise
+    the failure. On cancellation, cancel and await the children and re-raise.
+
+    (Not an `asyncio.TaskGroup`: on Python 3.11 a TaskGroup whose child fails while the parent
+    waits in ``__aexit__`` cancels the parent and never uncancels it, which would make the next
+    reconnect look like a shutdown.)
+    """
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    # Retrieve every child's outcome (so none is reported as "never retrieved"), raise the first.
+    errors = [error for task in tasks if not task.cancelled() and (error := task.exception()) is not None]
+    if errors:
+        raise errors[0]

@@ -1,0 +1,68 @@
+"""`AgentSettings`: every knob of the agent, from the environment (``STOREFLEET_AGENT_*``) or
+from arguments. Built once by the CLI (or the simulator) and passed down; never a module global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path("/var/lib/storefleet-agent")
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOREFLEET_AGENT_", extra="ignore", frozen=True)
+
+    # Where the agent keeps its database, key and certificates (0700 directory).
+    state_dir: Path = DEFAULT_STATE_DIR
+    # Where `FileConfigHandler` writes config.json and policies.json; default state_dir/config.
+    config_dir: Path | None = None
+
+    # Enrollment defaults (the CLI flags win). The token is single-use and never logged.
+    server_url: str | None = None
+    token: SecretStr | None = None
+    ca_file: Path | None = None
+    ca_fingerprint: str | None = None
+
+    # Overrides of the broker endpoint received at enrollment (NAT, containers, tests).
+    broker_host: str | None = None
+    broker_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # None: use the interval the control plane handed out at enrollment.
+    health_interval_s: float | None = Field(default=None, gt=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    # TCP connect + TLS handshake, then CONNACK.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # SUBACK / PUBACK waits, and the offline status published on shutdown.
+    mqtt_timeout_s: float = Field(default=10.0, gt=0)
+    http_timeout_s: float = Field(default=15.0, gt=0)
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @property
+    def config_path(self) -> Path:
+        return self.config_dir if self.config_dir is not None else self.state_dir / "config"
+
+    @field_validator("server_url")
+    @classmethod
+    def _https_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("https://"):
+            raise ValueError("the control plane URL must use https:// (enrollment sends a secret token)")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> Self:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.ca_file is not None and self.ca_fingerprint is not None:
+            raise ValueError("set either ca_file or ca_fingerprint, not both")
+        return self

@@ -1,0 +1,60 @@
+"""TLS contexts: the pinned bootstrap CA for enrollment, and mTLS to the broker.
+
+Both verify the server (certificate chain and host name) against our own CA only, never
+the system store, and refuse anything older than TLS 1.2.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+from agent.errors import NotEnrolled, StateError
+from agent.state import AgentState
+
+
+def _base_context(ca_pem: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cadata=ca_pem)
+    except ssl.SSLError as exc:
+        raise StateError(f"the CA certificate is unusable: {exc}") from exc
+    # The pin may be an intermediate: trust it as an anchor without needing its root.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def pinned_server_context(ca_pem: str) -> ssl.SSLContext:
+    """Verify an HTTPS server against `ca_pem` only (enrollment)."""
+    return _base_context(ca_pem)
+
+
+def broker_client_context(state: AgentState) -> ssl.SSLContext:
+    """mTLS to the broker: our certificate and key, the CA chain received at enrollment.
+
+    Built once per agent and reused across reconnects. `ssl` loads a client certificate only
+    from files: an in-memory state writes them to a private temporary directory just long
+    enough to load them.
+    """
+    ca_pem, cert_pem, key_pem = state.ca_chain_pem(), state.certificate_pem(), state.private_key_pem()
+    if ca_pem is None or cert_pem is None or key_pem is None:
+        raise NotEnrolled("no certificate, key or CA chain in the agent state: enroll first")
+    context = _base_context(ca_pem)
+    try:
+        files = state.credential_files()
+        if files is not None:
+            context.load_cert_chain(files.certificate, files.private_key)
+        else:
+            with tempfile.TemporaryDirectory(prefix="storefleet-agent-") as tmp:
+                cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+                cert_path.write_text(cert_pem)
+                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as key_file:
+                    key_file.write(key_pem)
+                context.load_cert_chain(cert_path, key_path)
+    except (ssl.SSLError, OSError) as exc:
+        raise StateError(f"cannot load the device certificate and key: {exc}") from exc
+    return context

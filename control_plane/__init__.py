@@ -1,0 +1,1 @@
+"""storefleet control plane: API, persistence, PKI, MQTT ingest and the embedded broker."""

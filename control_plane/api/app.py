@@ -1,0 +1,52 @@
+"""The FastAPI application: routers, error mapping, health endpoints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from control_plane.api.deps import ServicesDep
+from control_plane.api.errors import error_body, install_error_handlers
+from control_plane.devices.routes import router as devices_router
+from control_plane.enrollment.routes import router as enrollment_router
+from control_plane.stores.routes import router as stores_router
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Services
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="storefleet control plane",
+        version="0.1.0",
+        description="Store Provisioning Platform: stores, enrollment, devices and desired state.",
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(stores_router)
+    app.include_router(enrollment_router)
+    app.include_router(devices_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    async def readyz(services: ServicesDep) -> dict[str, object] | JSONResponse:
+        """Database reachable and the control plane's broker session connected."""
+        checks: dict[str, bool] = {"broker": services.link.is_connected}
+        try:
+            async with services.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            checks["database"] = True
+        except Exception:
+            checks["database"] = False
+        if all(checks.values()):
+            return {"status": "ready", "checks": checks}
+        return JSONResponse({**error_body("not_ready", "not ready"), "checks": checks}, status_code=503)
+
+    return app

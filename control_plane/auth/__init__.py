@@ -1,0 +1,1 @@
+"""Operator authentication: API keys, stored only as hashes."""

@@ -1,0 +1,152 @@
+"""`storefleet`: the control-plane server and operator commands.
+
+    storefleet serve [--data-dir DIR] [--host H] [--port P] [--mqtt-port M]
+                     [--database-url URL] [--broker-url mqtts://…]
+    storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P]
+    storefleet demo
+
+Flags override `STOREFLEET_*` environment variables (see docs/configuration.md). `demo`
+belongs to the simulator (it runs real agents) and is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from control_plane.logs import configure_logging
+from control_plane.settings import ControlPlaneSettings
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> ControlPlaneSettings:
+    given: dict[str, Any] = {
+        name: getattr(args, name) for name in names if getattr(args, name, None) is not None
+    }
+    try:
+        return ControlPlaneSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise SystemExit(f"storefleet: invalid setting {field!r}: {first['msg']}") from None
+
+
+async def _serve(settings: ControlPlaneSettings) -> None:
+    from control_plane.runtime import ControlPlane
+
+    async with ControlPlane(settings) as control_plane:
+        if control_plane.new_admin_key:
+            print(
+                "Admin API key (shown once; also saved to "
+                f"{settings.data_dir / 'admin.key'}):\n  {control_plane.new_admin_key}",
+                flush=True,
+            )
+        print(
+            f"storefleet control plane: API {control_plane.base_url}  "
+            f"broker mqtts://{':'.join(map(str, settings.broker_endpoint))}  "
+            f"data {settings.data_dir.resolve()}",
+            flush=True,
+        )
+        stop = asyncio.current_task()
+        assert stop is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.cancel)
+        try:
+            await control_plane.run()
+        except asyncio.CancelledError:
+            logging.getLogger(__name__).info("stopped by signal")
+
+
+def _broker_config(args: argparse.Namespace) -> None:
+    from control_plane.broker.mosquitto import write_mosquitto_config
+    from control_plane.pki.ca import BuiltinCA
+
+    settings = _settings(args, ("data_dir", "trust_domain"))
+    ca = BuiltinCA.load_or_create(settings.pki_dir, trust_domain=settings.trust_domain)
+    conf = write_mosquitto_config(
+        args.out,
+        ca=ca,
+        port=args.port,
+        bind_address=args.bind,
+        hostnames=args.hostname or None,
+        run_as_user=args.user,
+    )
+    print(
+        f"wrote {conf}\nstart it with: mosquitto -c {conf}\n"
+        f"then: storefleet serve --data-dir {settings.data_dir} --broker-url mqtts://127.0.0.1:{args.port}"
+    )
+
+
+SERVE_FLAGS = (
+    "data_dir",
+    "host",
+    "port",
+    "mqtt_port",
+    "database_url",
+    "broker_url",
+    "public_host",
+    "trust_domain",
+    "log_format",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storefleet", description="Store Provisioning Platform control plane"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane (embedded broker + SQLite by default)")
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--mqtt-port", type=int, help="port of the embedded broker")
+    serve.add_argument("--database-url", help="postgresql+asyncpg://… (default: SQLite in the data dir)")
+    serve.add_argument("--broker-url", help="mqtts://host:port of an external broker (default: embedded)")
+    serve.add_argument("--public-host", help="host name agents use to reach this server and broker")
+    serve.add_argument("--trust-domain")
+    serve.add_argument("--log-format", choices=["text", "json"])
+
+    broker = sub.add_parser("broker-config", help="generate configuration for a production broker")
+    broker_sub = broker.add_subparsers(dest="broker", required=True)
+    mosquitto = broker_sub.add_parser("mosquitto", help="Mosquitto with mTLS, identity usernames and ACL")
+    mosquitto.add_argument("--data-dir", type=Path, help="the control plane's data dir (its CA signs)")
+    mosquitto.add_argument("--trust-domain")
+    mosquitto.add_argument("--out", type=Path, required=True)
+    mosquitto.add_argument("--port", type=int, default=8883)
+    mosquitto.add_argument("--bind", default="127.0.0.1")
+    mosquitto.add_argument("--hostname", action="append", help="name/IP for the broker certificate (repeat)")
+    mosquitto.add_argument("--user", help="user Mosquitto runs as (e.g. root in a test sandbox)")
+
+    sub.add_parser("demo", help="run the product end to end with 20 in-process agents, then exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        settings = _settings(args, SERVE_FLAGS)
+        configure_logging(level=args.log_level, fmt=settings.log_format)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(settings))
+    elif args.command == "broker-config":
+        configure_logging(level=args.log_level)
+        _broker_config(args)
+    elif args.command == "demo":
+        from simulators.demo import run_demo
+
+        configure_logging(level="WARNING")
+        sys.exit(asyncio.run(run_demo()))
+
+
+if __name__ == "__main__":
+    main()

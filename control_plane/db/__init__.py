@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy Core tables, the async engine and Alembic migrations."""

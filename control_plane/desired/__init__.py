@@ -1,0 +1,1 @@
+"""Desired state: layered configuration, versioning, signing and publication."""

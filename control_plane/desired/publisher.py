@@ -1,0 +1,162 @@
+"""Issue, sign, persist and publish desired-state versions.
+
+A device's version is monotonic and moves only when its effective content changes. The
+document is committed to the database before it is published (retained, QoS 1), so the
+broker can always be refilled from the database: `republish_all` runs on every (re)connect
+to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control_plane.clock import Clock, utc_now
+from control_plane.db.schema import desired_states, devices, stores
+from control_plane.desired.layers import content_hash, effective_state
+from control_plane.pki.signing_keys import SigningKeyring
+from protocol.signing import canonical_json, sign_document
+from protocol.topics import TopicKind, device_topic
+from protocol.versions import SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_CONCURRENCY = 500
+
+
+class Publisher(Protocol):
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+
+    @property
+    def is_connected(self) -> bool: ...
+
+
+class DesiredStatePublisher:
+    def __init__(
+        self, engine: AsyncEngine, keyring: SigningKeyring, link: Publisher, *, clock: Clock = utc_now
+    ) -> None:
+        self._engine = engine
+        self._keyring = keyring
+        self._link = link
+        self._clock = clock
+        # Versions are read-modify-written; one writer at a time within this process.
+        self._lock = asyncio.Lock()
+        self.published = 0
+
+    async def refresh_store(self, store_id: str) -> int:
+        return await self._refresh(devices.c.store_id == store_id)
+
+    async def refresh_devices(self, device_ids: Iterable[str]) -> int:
+        return await self._refresh(devices.c.id.in_(list(device_ids)))
+
+    async def _refresh(self, which: sa.ColumnElement[bool]) -> int:
+        """Issue a new version to every selected device whose effective content changed."""
+        async with self._lock:
+            async with self._engine.begin() as conn:
+                rows = (
+                    await conn.execute(
+                        sa.select(
+                            devices.c.id,
+                            devices.c.store_id,
+                            devices.c.desired_version,
+                            devices.c.desired_hash,
+                            stores.c.config,
+                        )
+                        .join(stores, stores.c.id == devices.c.store_id)
+                        .where(which)
+                    )
+                ).all()
+                issued: list[dict[str, Any]] = []
+                now = self._clock()
+                for row in rows:
+                    state = effective_state(row.config)
+                    digest = content_hash(state)
+                    if digest == row.desired_hash:
+                        continue
+                    document = sign_document(
+                        {
+                            "schema": SCHEMA_VERSION,
+                            "device_id": row.id,
+                            "store_id": row.store_id,
+                            "version": row.desired_version + 1,
+                            "issued_at": now.isoformat().replace("+00:00", "Z"),
+                            "config": state["config"],
+                            "policies": state["policies"],
+                        },
+                        self._keyring.active,
+                    )
+                    issued.append({"id": row.id, "hash": digest, "document": document})
+                if not issued:
+                    return 0
+                await conn.execute(
+                    sa.update(devices)
+                    .where(devices.c.id == sa.bindparam("b_id"))
+                    .values(desired_version=sa.bindparam("b_version"), desired_hash=sa.bindparam("b_hash")),
+                    [
+                        {"b_id": d["id"], "b_version": d["document"]["version"], "b_hash": d["hash"]}
+                        for d in issued
+                    ],
+                )
+                await conn.execute(
+                    desired_states.insert(),
+                    [
+                        {
+                            "device_id": d["id"],
+                            "version": d["document"]["version"],
+                            "document": d["document"],
+                            "created_at": now,
+                        }
+                        for d in issued
+                    ],
+                )
+            await self._publish([d["document"] for d in issued])
+            logger.info("issued %d desired-state versions", len(issued))
+            return len(issued)
+
+    async def republish_all(self) -> int:
+        """Publish every device's newest document again (retained); idempotent for agents."""
+        latest = sa.select(desired_states.c.document).join(
+            devices,
+            sa.and_(
+                devices.c.id == desired_states.c.device_id,
+                devices.c.desired_version == desired_states.c.version,
+            ),
+        )
+        async with self._engine.connect() as conn:
+            documents = [row.document for row in await conn.execute(latest)]
+        await self._publish(documents)
+        return len(documents)
+
+    async def _publish(self, documents: list[dict[str, Any]]) -> None:
+        if not self._link.is_connected:
+            # Committed already; the next (re)connect republishes everything.
+            logger.warning("broker not connected: %d documents wait for the reconnect", len(documents))
+            return
+        for start in range(0, len(documents), PUBLISH_CONCURRENCY):
+            chunk = documents[start : start + PUBLISH_CONCURRENCY]
+            results = await asyncio.gather(
+                *(
+                    self._link.publish(
+                        device_topic(doc["device_id"], TopicKind.DESIRED),
+                        canonical_json(doc),
+                        qos=1,
+                        retain=True,
+                    )
+                    for doc in chunk
+                ),
+                return_exceptions=True,
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            self.published += len(chunk) - len(failures)
+            if failures:
+                logger.warning(
+                    "%d of %d publishes failed (%s); they go again on reconnect",
+                    len(failures),
+                    len(chunk),
+                    failures[0],
+                )

@@ -1,0 +1,1 @@
+"""Devices: the inventory, with applied version and last health."""

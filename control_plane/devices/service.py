@@ -1,0 +1,77 @@
+"""Device inventory queries.
+
+`online` is what the device last said (status and will) *and* that it was heard from within
+`offline_after`: a device whose connection died without a will (broker restart) goes
+offline by staleness.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control_plane.clock import Clock, utc_now
+from control_plane.db.schema import devices
+from control_plane.devices.models import DevicePage, DeviceView
+from control_plane.errors import NotFound
+
+MAX_PAGE = 1000
+
+
+class DeviceService:
+    def __init__(self, *, engine: AsyncEngine, offline_after: timedelta, clock: Clock = utc_now) -> None:
+        self._engine = engine
+        self._offline_after = offline_after
+        self._clock = clock
+
+    async def get(self, device_id: str) -> DeviceView:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(devices).where(devices.c.id == device_id))).first()
+        if row is None:
+            raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
+        return self._view(row._mapping)
+
+    async def list_devices(
+        self, *, store_id: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> DevicePage:
+        """Devices ordered by id; `cursor` is the last id of the previous page."""
+        limit = max(1, min(limit, MAX_PAGE))
+        query = sa.select(devices).order_by(devices.c.id).limit(limit + 1)
+        if store_id is not None:
+            query = query.where(devices.c.store_id == store_id)
+        if cursor:
+            query = query.where(devices.c.id > cursor)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        items = [self._view(row._mapping) for row in rows[:limit]]
+        return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+    def _view(self, row: Any) -> DeviceView:
+        last_seen = row["last_seen_at"]
+        fresh = last_seen is not None and last_seen >= self._clock() - self._offline_after
+        return DeviceView(
+            id=row["id"],
+            store_id=row["store_id"],
+            role=row["role"],
+            model=row["model"],
+            serial=row["serial"],
+            os=row["os"],
+            hostname=row["hostname"],
+            agent_version=row["agent_version"],
+            enrolled_at=row["enrolled_at"],
+            last_seen_at=last_seen,
+            online=bool(row["online"]) and fresh,
+            desired_version=row["desired_version"],
+            applied_version=row["applied_version"],
+            in_sync=row["desired_version"] > 0 and row["applied_version"] == row["desired_version"],
+            apply_status=row["apply_status"],
+            apply_reason=row["apply_reason"],
+            apply_detail=row["apply_detail"],
+            health=row["health"],
+            health_at=row["health_at"],
+            cert_serial=row["cert_serial"],
+            cert_not_after=row["cert_not_after"],
+        )

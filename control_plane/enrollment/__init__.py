@@ -1,0 +1,1 @@
+"""Enrollment: tokens, and turning a token + CSR into a device with a certificate."""

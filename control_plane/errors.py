@@ -1,0 +1,54 @@
+"""Domain errors of the control plane. Routes never raise HTTPException; `api.errors`
+maps these to HTTP once.
+
+    StorefleetError
+    ├── NotFound                  (404) a store, device or token does not exist
+    ├── Conflict                  (409) it exists already / state does not allow it
+    ├── AuthenticationFailed      (401) missing or wrong operator key
+    ├── EnrollmentRefused         (401) token unknown, expired, used up, revoked, wrong store
+    ├── CSRRejected               (422) CSR malformed, badly signed or with a weak key
+    ├── InvalidInput              (422) a value the schema allows but the rules do not
+    └── CAUnavailable             (503) the CA backend cannot sign now
+"""
+
+from __future__ import annotations
+
+
+class StorefleetError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class NotFound(StorefleetError):
+    code = "not_found"
+
+
+class Conflict(StorefleetError):
+    code = "conflict"
+
+
+class AuthenticationFailed(StorefleetError):
+    code = "unauthorized"
+
+
+class EnrollmentRefused(StorefleetError):
+    """`code` says why: token_unknown, token_expired, token_used, token_revoked."""
+
+    code = "enrollment_refused"
+
+
+class CSRRejected(StorefleetError):
+    code = "csr_rejected"
+
+
+class InvalidInput(StorefleetError):
+    code = "invalid_input"
+
+
+class CAUnavailable(StorefleetError):
+    code = "ca_unavailable"

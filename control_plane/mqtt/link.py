@@ -1,0 +1,114 @@
+"""The control plane's mTLS session with the broker (embedded amqtt or an external one).
+
+One long-lived aiomqtt client: subscribes to what devices publish, hands each message to a
+callback, and publishes desired state. Reconnects with backoff and jitter; after every
+(re)connect it calls `on_connected` (the publisher refills retained desired state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+
+from protocol.topics import TopicKind, fleet_filter
+
+logger = logging.getLogger(__name__)
+
+INGEST_KINDS = (TopicKind.REPORTED, TopicKind.HEALTH, TopicKind.STATUS, TopicKind.COMMAND_RESULT)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls_context: ssl.SSLContext,
+        client_id: str,
+        on_message: MessageHandler,
+        on_connected: Callable[[], Awaitable[object]] | None = None,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 10.0,
+        keepalive_s: int = 30,
+    ) -> None:
+        self._host, self._port = host, port
+        self._tls = tls_context
+        self._client_id = client_id
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._reconnect_min_s, self._reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self._keepalive_s = keepalive_s
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self.connects = 0
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise ConnectionError("not connected to the broker")
+        await client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def run(self) -> None:
+        delay = self._reconnect_min_s
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self._host,
+                    self._port,
+                    identifier=self._client_id,
+                    tls_context=self._tls,
+                    clean_session=False,
+                    keepalive=self._keepalive_s,
+                    max_inflight_messages=1000,
+                    timeout=30,
+                ) as client:
+                    self._client = client
+                    for kind in INGEST_KINDS:
+                        await client.subscribe(fleet_filter(kind), qos=1)
+                    self._connected.set()
+                    self.connects += 1
+                    delay = self._reconnect_min_s
+                    logger.info("connected to broker %s:%d", self._host, self._port)
+                    refill = asyncio.create_task(self._after_connect())
+                    try:
+                        async for message in client.messages:
+                            self._on_message(str(message.topic), _payload_bytes(message.payload))
+                    finally:
+                        refill.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await refill
+            except aiomqtt.MqttError as exc:
+                logger.warning("broker connection lost (%s); retrying in %.1fs", exc, delay)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, self._reconnect_max_s)
+
+    async def _after_connect(self) -> None:
+        if self._on_connected is None:
+            return
+        try:
+            await self._on_connected()
+        except Exception:
+            logger.exception("post-connect refill failed")
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return str(payload).encode()

@@ -1,0 +1,1 @@
+"""Certificates: the built-in CA, certificate identities and the config-signing keys."""

@@ -1,0 +1,260 @@
+"""What `storefleet serve` runs: built from settings, started, run until cancelled.
+
+ControlPlane.open()   data dir, database + migrations, CA, keys, admin key, services
+ControlPlane.run()    embedded broker (unless external), broker session, ingest,
+                      audit writer and the HTTPS API, until cancelled or signalled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control_plane.api.app import create_app
+from control_plane.audit import AuditEvent, AuditLog, Outcome
+from control_plane.auth.api_keys import ApiKeys
+from control_plane.broker.embedded import EmbeddedBroker
+from control_plane.db.engine import create_engine, migrate
+from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.devices.service import DeviceService
+from control_plane.enrollment.service import EnrollmentService
+from control_plane.ingest import Ingest
+from control_plane.mqtt.link import BrokerLink
+from control_plane.pki.ca import BuiltinCA, write_identity
+from control_plane.pki.identity import CONTROL_PLANE_SERVICE
+from control_plane.pki.signing_keys import SigningKeyring
+from control_plane.settings import ControlPlaneSettings
+from control_plane.stores.service import StoreService
+from protocol.messages import BrokerEndpoint
+
+logger = logging.getLogger(__name__)
+
+SERVICE_CERT_VALIDITY = timedelta(days=30)
+
+
+@dataclass
+class Services:
+    engine: AsyncEngine
+    audit: AuditLog
+    api_keys: ApiKeys
+    stores: StoreService
+    enrollment: EnrollmentService
+    devices: DeviceService
+    publisher: DesiredStatePublisher
+    ingest: Ingest
+    link: BrokerLink
+    ca_chain_pem: str
+
+
+def ca_fingerprint(ca: BuiltinCA) -> str:
+    der = ca.certificate.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the CLI owns SIGINT/SIGTERM and cancels
+    `ControlPlane.run`, so the broker, ingest and audit writer shut down cleanly too."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self.new_admin_key: str | None = None
+        self.ready = asyncio.Event()
+        self._services: Services | None = None
+        self._broker: EmbeddedBroker | None = None
+        self._http: uvicorn.Server | None = None
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("ControlPlane.open() has not run")
+        return self._services
+
+    @property
+    def broker(self) -> EmbeddedBroker | None:
+        return self._broker
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.settings.advertised_host}:{self.settings.port}"
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.data_dir.chmod(0o700)
+        engine = create_engine(s.resolved_database_url)
+        await migrate(engine)
+
+        ca = BuiltinCA.load_or_create(s.pki_dir, trust_domain=s.trust_domain)
+        keyring = SigningKeyring.load_or_create(s.pki_dir / "signing")
+        hostnames = list(dict.fromkeys([s.advertised_host, "localhost", "127.0.0.1"]))
+        key_pem, issued = ca.issue_server_identity(hostnames)
+        self._server_key, self._server_cert = write_identity(s.pki_dir, "server", key_pem, issued)
+        key_pem, issued = ca.issue_service_identity(CONTROL_PLANE_SERVICE, SERVICE_CERT_VALIDITY)
+        client_key, client_cert = write_identity(s.pki_dir, "control-plane", key_pem, issued)
+        self._ca_file = s.pki_dir / "ca.pem"
+
+        audit = AuditLog(engine)
+        api_keys = ApiKeys(engine)
+        given = s.admin_key.get_secret_value() if s.admin_key else None
+        self.new_admin_key = await api_keys.ensure_admin(s.data_dir, given)
+
+        ingest = Ingest(
+            engine,
+            audit,
+            max_message_bytes=s.max_message_bytes,
+            flush_interval_s=s.ingest_flush_interval_s,
+            batch_size=s.ingest_batch_size,
+        )
+        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self._ca_file))
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(str(client_cert), str(client_key))
+        broker_host, broker_port = s.broker_endpoint
+        publisher_ref: list[DesiredStatePublisher] = []
+        link = BrokerLink(
+            host=broker_host,
+            port=broker_port,
+            tls_context=tls,
+            client_id=CONTROL_PLANE_SERVICE,
+            on_message=ingest.handle,
+            on_connected=lambda: publisher_ref[0].republish_all(),
+            reconnect_max_s=s.mqtt_reconnect_max_s,
+        )
+        publisher = DesiredStatePublisher(engine, keyring, link)
+        publisher_ref.append(publisher)
+        self._services = Services(
+            engine=engine,
+            audit=audit,
+            api_keys=api_keys,
+            stores=StoreService(engine=engine, publisher=publisher, audit=audit),
+            enrollment=EnrollmentService(
+                engine=engine,
+                ca=ca,
+                ca_fingerprint=ca_fingerprint(ca),
+                keyring=keyring,
+                publisher=publisher,
+                audit=audit,
+                broker=BrokerEndpoint(host=broker_host, port=broker_port),
+                cert_validity=s.device_cert_validity,
+                default_token_ttl=timedelta(hours=s.default_token_ttl_hours),
+                health_interval_s=s.health_interval_s,
+            ),
+            devices=DeviceService(
+                engine=engine,
+                offline_after=timedelta(seconds=s.health_interval_s * s.offline_after_intervals),
+            ),
+            publisher=publisher,
+            ingest=ingest,
+            link=link,
+            ca_chain_pem=ca.ca_chain_pem(),
+        )
+
+    async def close(self) -> None:
+        if self._services is not None:
+            await self._services.audit.flush()
+            await self._services.engine.dispose()
+            self._services = None
+
+    def _on_broker_security_event(self, event: str, details: dict[str, object]) -> None:
+        identity = details.get("identity") or details.get("client_id") or "unknown"
+        self.services.audit.record_nowait(
+            AuditEvent(
+                action=f"broker.{event}",
+                outcome=Outcome.DENIED,
+                actor=str(identity)[:200],
+                target=str(details.get("topic") or "")[:200] or None,
+                detail={k: str(v)[:200] for k, v in details.items()},
+            )
+        )
+
+    async def run(self) -> None:
+        """Run every service until cancelled, or until SIGINT/SIGTERM stops the HTTP server."""
+        s, services = self.settings, self.services
+        if s.embedded_broker:
+            self._broker = EmbeddedBroker(
+                host=s.host,
+                port=s.mqtt_port,
+                ca_file=self._ca_file,
+                cert_file=self._server_cert,
+                key_file=self._server_key,
+                trust_domain=s.trust_domain,
+                max_message_bytes=s.max_message_bytes,
+                on_security_event=self._on_broker_security_event,
+            )
+            await self._broker.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                background = [
+                    group.create_task(services.audit.run(), name="audit"),
+                    group.create_task(services.ingest.run(), name="ingest"),
+                    group.create_task(services.link.run(), name="broker-link"),
+                ]
+                try:
+                    await self._serve_http()
+                finally:
+                    for task in background:
+                        task.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await services.ingest.flush()
+            if self._broker is not None:
+                await self._broker.stop()
+
+    async def _serve_http(self) -> None:
+        s = self.settings
+        config = uvicorn.Config(
+            create_app(self.services),
+            host=s.host,
+            port=s.port,
+            ssl_keyfile=str(self._server_key),
+            ssl_certfile=str(self._server_cert),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            # Idle keep-alive TLS connections would otherwise hold shutdown for the 30 s TLS close timeout.
+            timeout_graceful_shutdown=2,
+        )
+        self._http = _ApiServer(config)
+        serving = asyncio.create_task(self._http.serve(), name="https")
+        watcher = asyncio.create_task(self._mark_ready(), name="ready")
+        try:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            self._http.should_exit = True
+            await serving
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _mark_ready(self) -> None:
+        assert self._http is not None
+        # uvicorn and aiomqtt expose flags, not events, for "started" and "connected".
+        while not (self._http.started and self.services.link.is_connected):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        self.ready.set()
+        logger.info("control plane ready at %s (broker %s:%d)", self.base_url, *self.settings.broker_endpoint)

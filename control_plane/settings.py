@@ -1,0 +1,87 @@
+"""Control-plane settings: one class, built once in the CLI or `create_app` and passed down.
+
+Every value can come from a flag of `storefleet serve` or an environment variable with the
+`STOREFLEET_` prefix (e.g. `STOREFLEET_DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.messages import MAX_MESSAGE_BYTES
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOREFLEET_", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    mqtt_port: int = Field(default=8883, ge=0, le=65535)
+    # Host names/IPs put in the server certificates and handed to agents as the broker address.
+    public_host: str | None = None
+
+    database_url: str | None = None  # default: sqlite+aiosqlite:///<data_dir>/storefleet.db
+    broker_url: str | None = None  # default: the embedded amqtt broker on mqtt_port
+
+    admin_key: SecretStr | None = None
+    trust_domain: str = "storefleet.local"
+    device_cert_validity_hours: float = Field(default=72.0, gt=0)
+    default_token_ttl_hours: float = Field(default=24.0, gt=0)
+    health_interval_s: float = Field(default=30.0, gt=0)
+    # A device not heard from for this many health intervals is shown offline.
+    offline_after_intervals: float = Field(default=3.0, gt=1)
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, gt=0)
+    ingest_flush_interval_s: float = Field(default=0.5, gt=0)
+    ingest_batch_size: int = Field(default=500, gt=0)
+    mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _mqtts_only(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme != "mqtts":
+            raise ValueError("broker_url must be mqtts://host:port (plain MQTT is not allowed)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("database_url must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'storefleet.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def advertised_host(self) -> str:
+        if self.public_host:
+            return self.public_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+
+    @property
+    def broker_endpoint(self) -> tuple[str, int]:
+        """Where agents and the control plane reach the broker."""
+        if self.broker_url is None:
+            return self.advertised_host, self.mqtt_port
+        parts = urlsplit(self.broker_url)
+        return parts.hostname or "127.0.0.1", parts.port or 8883
+
+    @property
+    def device_cert_validity(self) -> timedelta:
+        return timedelta(hours=self.device_cert_validity_hours)
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"

@@ -1,0 +1,1 @@
+"""Stores: where devices live, with a time zone and configuration."""

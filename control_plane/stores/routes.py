@@ -1,0 +1,50 @@
+"""Store endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from control_plane.api.deps import OperatorDep, ServicesDep
+from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
+
+router = APIRouter(prefix="/v1/stores", tags=["stores"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_store(spec: StoreCreate, services: ServicesDep, operator: OperatorDep) -> StoreView:
+    return await services.stores.create(spec, actor=operator.name)
+
+
+@router.get("")
+async def list_stores(services: ServicesDep, _operator: OperatorDep) -> list[StoreView]:
+    return await services.stores.list_stores()
+
+
+@router.get("/{store_id}")
+async def get_store(store_id: str, services: ServicesDep, _operator: OperatorDep) -> StoreView:
+    return await services.stores.get(store_id)
+
+
+@router.put("/{store_id}/config")
+async def set_store_config(
+    store_id: str, layer: StoreConfig, services: ServicesDep, operator: OperatorDep
+) -> StoreView:
+    """Replace the store's configuration layer; devices whose effective state changes get a new version."""
+    return await services.stores.set_config(store_id, layer, actor=operator.name)
+
+
+@router.post("/{store_id}/enrollment-tokens", status_code=status.HTTP_201_CREATED)
+async def create_enrollment_token(
+    store_id: str, services: ServicesDep, operator: OperatorDep, spec: TokenCreate | None = None
+) -> TokenCreated:
+    """Issue an enrollment token for the store. The secret is in this response only."""
+    return await services.enrollment.create_token(store_id, spec or TokenCreate(), actor=operator.name)
+
+
+@router.get("/{store_id}/enrollment-tokens")
+async def list_enrollment_tokens(
+    store_id: str, services: ServicesDep, _operator: OperatorDep
+) -> list[TokenView]:
+    await services.stores.get(store_id)
+    return await services.enrollment.list_tokens(store_id)

@@ -1,0 +1,108 @@
+"""Store rules: create, read, and change the store's configuration layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control_plane.audit import AuditEvent, AuditLog, Outcome
+from control_plane.clock import Clock, utc_now
+from control_plane.db.schema import devices, stores
+from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.errors import Conflict, NotFound
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
+
+
+class StoreService:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        publisher: DesiredStatePublisher,
+        audit: AuditLog,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._audit = audit
+        self._clock = clock
+
+    async def create(self, spec: StoreCreate, *, actor: str) -> StoreView:
+        now = self._clock()
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    stores.insert().values(
+                        id=spec.id,
+                        name=spec.name,
+                        timezone=spec.timezone,
+                        region=spec.region,
+                        config={"config": spec.config, "policies": spec.policies},
+                        config_revision=1,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                await self._audit.record(
+                    AuditEvent(action="store.create", outcome=Outcome.SUCCESS, actor=actor, target=spec.id),
+                    connection=conn,
+                )
+        except IntegrityError:
+            raise Conflict(f"store {spec.id!r} already exists", code="store_exists") from None
+        return await self.get(spec.id)
+
+    async def get(self, store_id: str) -> StoreView:
+        views = await self._select(stores.c.id == store_id)
+        if not views:
+            raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+        return views[0]
+
+    async def list_stores(self) -> list[StoreView]:
+        return await self._select(sa.true())
+
+    async def set_config(self, store_id: str, layer: StoreConfig, *, actor: str) -> StoreView:
+        """Replace the store's configuration layer and push what changes to its devices."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(stores)
+                .where(stores.c.id == store_id)
+                .values(
+                    config={"config": layer.config, "policies": layer.policies},
+                    config_revision=stores.c.config_revision + 1,
+                    updated_at=self._clock(),
+                )
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+            await self._audit.record(
+                AuditEvent(action="store.set_config", outcome=Outcome.SUCCESS, actor=actor, target=store_id),
+                connection=conn,
+            )
+        await self._publisher.refresh_store(store_id)
+        return await self.get(store_id)
+
+    async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:
+        device_count = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
+        query = sa.select(stores, device_count.label("device_count")).where(where).order_by(stores.c.id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_view(row._mapping) for row in rows]
+
+
+def _view(row: Any) -> StoreView:
+    layer = row["config"] or {}
+    return StoreView(
+        id=row["id"],
+        name=row["name"],
+        timezone=row["timezone"],
+        region=row["region"],
+        config=layer.get("config", {}),
+        policies=layer.get("policies", {}),
+        config_revision=row["config_revision"],
+        device_count=row["device_count"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

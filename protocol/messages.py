@@ -1,0 +1,190 @@
+"""Pydantic models of every message on the wire, and the one way to decode them.
+
+Enrollment travels over HTTPS; everything else over MQTT (see `protocol.topics`). All
+timestamps are UTC, ISO 8601. Every message has `schema` (see `protocol.versions`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocol.errors import InvalidMessage
+from protocol.topics import DEVICE_ID_PATTERN, STORE_ID_PATTERN
+from protocol.versions import SCHEMA_VERSION, check_schema
+
+# Anything larger is refused by the broker configuration and by every receiver.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN)]
+ShortText = Annotated[str, Field(max_length=200)]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every wire message: unknown fields are ignored (additive evolution)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_: int = Field(default=SCHEMA_VERSION, alias="schema", ge=1)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+    @field_validator("schema_")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        # `decode` raises UnsupportedSchema before validation; this covers direct construction
+        # (and HTTP bodies), where pydantic needs a ValueError to report the field.
+        if value > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema {value} is not supported (this build understands up to {SCHEMA_VERSION})"
+            )
+        return value
+
+
+# --- enrollment (HTTPS) ---------------------------------------------------------------
+
+
+class DeviceInfo(BaseModel):
+    """What the device says about itself. Informational: identity comes from the control plane."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    hostname: ShortText = ""
+    model: ShortText = ""
+    serial: ShortText = ""
+    os: ShortText = ""
+    agent_version: ShortText = ""
+    role: ShortText | None = None
+
+
+class EnrollmentRequest(Message):
+    token: Annotated[str, Field(min_length=16, max_length=256)]
+    csr_pem: Annotated[str, Field(min_length=64, max_length=16_384)]
+    device: DeviceInfo = DeviceInfo()
+
+
+class BrokerEndpoint(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+
+class SigningKey(BaseModel):
+    """A config-signing public key the agent pins at enrollment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kid: str
+    algorithm: Literal["ES256"] = "ES256"
+    public_key_pem: str
+
+
+class EnrollmentResponse(Message):
+    device_id: DeviceId
+    store_id: StoreId
+    certificate_pem: str
+    ca_chain_pem: str
+    broker: BrokerEndpoint
+    signing_keys: list[SigningKey]
+    health_interval_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+# --- MQTT ----------------------------------------------------------------------------
+
+
+class DesiredState(Message):
+    """The signed desired state of one device. `sig` covers the canonical JSON of the rest."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    device_id: DeviceId
+    store_id: StoreId
+    version: Annotated[int, Field(ge=1)]
+    issued_at: datetime
+    config: dict[str, Any] = Field(default_factory=dict)
+    policies: dict[str, Any] = Field(default_factory=dict)
+    kid: str = ""
+    sig: str = ""
+
+
+class ApplyStatus(StrEnum):
+    APPLIED = "applied"
+    REJECTED = "rejected"  # refused before apply: bad signature, old version, wrong device…
+    FAILED = "failed"  # apply attempted and reverted to last-known-good
+
+
+class ReportedState(Message):
+    device_id: DeviceId
+    version: Annotated[int, Field(ge=0)]
+    status: ApplyStatus
+    reason: Annotated[str, Field(max_length=64)] | None = None
+    detail: Annotated[str, Field(max_length=1000)] | None = None
+    applied_version: Annotated[int, Field(ge=0)] = 0
+    at: datetime = Field(default_factory=utc_now)
+
+
+class HealthReport(Message):
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0)]
+    at: datetime = Field(default_factory=utc_now)
+    cpu_percent: Annotated[float, Field(ge=0, le=100)]
+    memory_percent: Annotated[float, Field(ge=0, le=100)]
+    disk_percent: Annotated[float, Field(ge=0, le=100)]
+    uptime_s: Annotated[float, Field(ge=0)]
+    applied_version: Annotated[int, Field(ge=0)] = 0
+    healthy: bool = True
+
+
+class ConnectionState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class DeviceStatus(Message):
+    device_id: DeviceId
+    state: ConnectionState
+    at: datetime = Field(default_factory=utc_now)
+    agent_version: ShortText = ""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(model: type[M], payload: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Decode a payload into `model`, with one error type for every way it can be wrong.
+
+    Size is checked before parsing; the schema number before the model, so that a newer
+    peer gets `UnsupportedSchema` rather than a confusing field error.
+    """
+    raw = payload.encode() if isinstance(payload, str) else payload
+    if len(raw) > max_bytes:
+        raise InvalidMessage(f"message of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage("payload must be a JSON object")
+    return validate(model, data)
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    if issubclass(model, Message):
+        check_schema(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise InvalidMessage(f"field {field!r}: {first['msg']}") from None

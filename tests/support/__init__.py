@@ -1,0 +1,1 @@
+"""Helpers shared by tests: real certificates, real brokers and services, never mocks."""
