@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_state_dir(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--state-dir", type=Path, help="agent state directory (default: $STOREFLEET_AGENT_STATE_DIR)"
+            "--state-dir",
+            type=Path,
+            help="agent state directory (default: $STOREFLEET_AGENT_STATE_DIR or /var/lib/storefleet-agent)",
         )
 
     enroll_cmd = commands.add_parser("enroll", help="enroll this device with the control plane")

@@ -36,7 +36,6 @@ from protocol.signing import canonical_json, load_public_key, verify_document
 
 logger = logging.getLogger(__name__)
 
-REASON_INVALID = "invalid_message"
 REASON_WRONG_DEVICE = "wrong_device"
 REASON_STALE = "stale_version"
 REASON_APPLY_FAILED = "apply_failed"

@@ -20,10 +20,12 @@ that accepts and immediately drops us (ACL, duplicate client id) is not hammered
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiomqtt
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 QOS_AT_LEAST_ONCE = 1
 QOS_AT_MOST_ONCE = 0
+_CANCEL_RETRY_S = 0.5
 _UNMEASURED = HealthSample(cpu_percent=0.0, memory_percent=0.0, disk_percent=0.0, uptime_s=0.0, healthy=False)
 
 
@@ -133,7 +136,11 @@ class Agent:
         signal, self._applied_signal = self._applied_signal, asyncio.Event()
         signal.set()
         if self._on_applied is not None:
-            self._on_applied(version)
+            try:
+                self._on_applied(version)
+            except Exception:
+                # An observer's bug must not fail the apply that already happened.
+                self.log.exception("on_applied callback failed for version %s", version)
 
     # --- the session -------------------------------------------------------------------
 
@@ -152,6 +159,7 @@ class Agent:
             except Exception as exc:
                 self._note_error(exc, unexpected=True)
             self._connected.clear()
+            _raise_if_cancel_was_swallowed()
             if self._up_since is not None:
                 self.stats.connection_losses += 1
                 stable = loop.time() - self._up_since >= self.settings.reconnect_max_s
@@ -202,7 +210,11 @@ class Agent:
             self.log.info("connected to %s:%s", self.broker_host, self.broker_port)
             try:
                 await self._publish_status(client, ConnectionState.ONLINE)
-                await client.subscribe(self.topics[TopicKind.DESIRED], qos=QOS_AT_LEAST_ONCE)
+                async with self._acked("SUBACK"):
+                    await client.subscribe(
+                        self.topics[TopicKind.DESIRED], qos=QOS_AT_LEAST_ONCE, timeout=math.inf
+                    )
+                _raise_if_cancel_was_swallowed()
                 await _until_one_fails(
                     asyncio.create_task(self._desired_loop(client), name=f"desired:{self.device_id}"),
                     asyncio.create_task(self._health_loop(client), name=f"health:{self.device_id}"),
@@ -214,11 +226,31 @@ class Agent:
             finally:
                 self._connected.clear()
 
+    @contextlib.asynccontextmanager
+    async def _acked(self, what: str) -> AsyncIterator[None]:
+        """Bound a wait for the broker's acknowledgement by `mqtt_timeout_s`.
+
+        Our own `asyncio.timeout` around aiomqtt calls made with ``timeout=math.inf``: aiomqtt's
+        timeouts use `asyncio.wait_for`, which on Python 3.11 swallows a cancellation that
+        arrives together with the acknowledgement, and a swallowed cancellation hangs shutdown.
+        """
+        try:
+            async with asyncio.timeout(self.settings.mqtt_timeout_s):
+                yield
+        except TimeoutError:
+            raise aiomqtt.MqttError(
+                f"no {what} from the broker within {self.settings.mqtt_timeout_s}s"
+            ) from None
+
+    async def _publish(
+        self, client: aiomqtt.Client, kind: TopicKind, payload: bytes, *, qos: int, retain: bool = False
+    ) -> None:
+        async with self._acked("PUBACK"):
+            await client.publish(self.topics[kind], payload, qos=qos, retain=retain, timeout=math.inf)
+
     async def _publish_status(self, client: aiomqtt.Client, state: ConnectionState) -> None:
         status = DeviceStatus(device_id=self.device_id, state=state, agent_version=AGENT_VERSION)
-        await client.publish(
-            self.topics[TopicKind.STATUS], status.to_json(), qos=QOS_AT_LEAST_ONCE, retain=True
-        )
+        await self._publish(client, TopicKind.STATUS, status.to_json(), qos=QOS_AT_LEAST_ONCE, retain=True)
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         """Clean shutdown: say offline ourselves (a clean DISCONNECT suppresses the will)."""
@@ -240,7 +272,7 @@ class Agent:
                 continue
             self.stats.desired_received += 1
             report = await self.reconciler.handle(bytes(message.payload))
-            await client.publish(self.topics[TopicKind.REPORTED], report.to_json(), qos=QOS_AT_LEAST_ONCE)
+            await self._publish(client, TopicKind.REPORTED, report.to_json(), qos=QOS_AT_LEAST_ONCE)
             self.stats.reports_published += 1
 
     async def _health_loop(self, client: aiomqtt.Client) -> None:
@@ -248,7 +280,7 @@ class Agent:
         next_at = loop.time()
         while True:
             report = await self._health_report()
-            await client.publish(self.topics[TopicKind.HEALTH], report.to_json(), qos=QOS_AT_MOST_ONCE)
+            await self._publish(client, TopicKind.HEALTH, report.to_json(), qos=QOS_AT_MOST_ONCE)
             self.stats.health_published += 1
             next_at += self.health_interval_s
             now = loop.time()
@@ -287,10 +319,21 @@ async def _until_one_fails(*tasks: asyncio.Task[None]) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        # Cancel until they are done: a library may swallow one cancellation (see `Agent._acked`).
+        pending = {task for task in tasks if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY_S)
     # Retrieve every child's outcome (so none is reported as "never retrieved"), raise the first.
     errors = [error for task in tasks if not task.cancelled() and (error := task.exception()) is not None]
     if errors:
         raise errors[0]
+
+
+def _raise_if_cancel_was_swallowed() -> None:
+    """Honour a cancellation that a library caught and dropped (asyncio.wait_for on 3.11 does,
+    when the awaited result arrives in the same loop iteration). Nothing in this task uncancels."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -35,9 +35,7 @@ def pinned_server_context(ca_pem: str) -> ssl.SSLContext:
 def broker_client_context(state: AgentState) -> ssl.SSLContext:
     """mTLS to the broker: our certificate and key, the CA chain received at enrollment.
 
-    Built once per agent and reused across reconnects. `ssl` loads a client certificate only
-    from files: an in-memory state writes them to a private temporary directory just long
-    enough to load them.
+    Built once per agent and reused across reconnects.
     """
     ca_pem, cert_pem, key_pem = state.ca_chain_pem(), state.certificate_pem(), state.private_key_pem()
     if ca_pem is None or cert_pem is None or key_pem is None:
@@ -48,13 +46,33 @@ def broker_client_context(state: AgentState) -> ssl.SSLContext:
         if files is not None:
             context.load_cert_chain(files.certificate, files.private_key)
         else:
-            with tempfile.TemporaryDirectory(prefix="storefleet-agent-") as tmp:
-                cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-                cert_path.write_text(cert_pem)
-                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as key_file:
-                    key_file.write(key_pem)
-                context.load_cert_chain(cert_path, key_path)
+            _load_cert_chain_from_memory(context, cert_pem.encode(), key_pem)
     except (ssl.SSLError, OSError) as exc:
         raise StateError(f"cannot load the device certificate and key: {exc}") from exc
     return context
+
+
+def _load_cert_chain_from_memory(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """`ssl` loads a client certificate only from a path. On Linux, anonymous memory files
+    (memfd, opened through /proc/self/fd) keep the key off every file system; elsewhere a
+    private temporary directory holds it just long enough to load it."""
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fds = [
+            os.memfd_create("storefleet-cert", os.MFD_CLOEXEC),
+            os.memfd_create("storefleet-key", os.MFD_CLOEXEC),
+        ]
+        try:
+            for fd, data in zip(fds, (cert_pem, key_pem), strict=True):
+                os.write(fd, data)
+            context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="storefleet-agent-") as tmp:
+        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert_path.write_bytes(cert_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(key_pem)
+        context.load_cert_chain(cert_path, key_path)

@@ -78,6 +78,7 @@ def _broker_config(args: argparse.Namespace) -> None:
         bind_address=args.bind,
         hostnames=args.hostname or None,
         run_as_user=args.user,
+        client_id_from_certificate=args.client_id_from_certificate,
     )
     print(
         f"wrote {conf}\nstart it with: mosquitto -c {conf}\n"
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     mosquitto.add_argument("--bind", default="127.0.0.1")
     mosquitto.add_argument("--hostname", action="append", help="name/IP for the broker certificate (repeat)")
     mosquitto.add_argument("--user", help="user Mosquitto runs as (e.g. root in a test sandbox)")
+    mosquitto.add_argument(
+        "--client-id-from-certificate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="force each client id to its certificate CN (stops client-id take-over; one connection per "
+        "identity, which is what the control plane uses)",
+    )
 
     sub.add_parser("demo", help="run the product end to end with 20 in-process agents, then exit")
     return parser

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ async def enroll_fleet(
     settings: AgentSettings,
     seed: int = 0,
     concurrency: int = 50,
+    on_applied: Callable[[str, int], None] | None = None,
 ) -> Fleet:
     """Enroll every spec (own key, CSR, token over HTTPS) and build its agent; do not run yet."""
     gate = asyncio.Semaphore(concurrency)
@@ -102,7 +103,14 @@ async def enroll_fleet(
             )
             elapsed = loop.time() - started
         handler = MemoryHandler(failure_rate=spec.apply_failure_rate, seed=seed * 1_000_003 + index)
-        agent = Agent(settings, state, handler, SimulatedProbe(seed * 1_000_003 + index))
+        device_id = state.require_enrollment().device_id
+        agent = Agent(
+            settings,
+            state,
+            handler,
+            SimulatedProbe(seed * 1_000_003 + index),
+            on_applied=(lambda version: on_applied(device_id, version)) if on_applied else None,
+        )
         return SimulatedDevice(spec=spec, agent=agent, handler=handler, enroll_seconds=elapsed)
 
     devices = await asyncio.gather(*(one(i, spec) for i, spec in enumerate(specs)))
