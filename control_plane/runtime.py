@@ -32,6 +32,7 @@ from control_plane.enrollment.service import EnrollmentService
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
+from control_plane.pki.gateway import CAGateway
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.settings import ControlPlaneSettings
@@ -154,7 +155,7 @@ class ControlPlane:
             stores=StoreService(engine=engine, publisher=publisher, audit=audit),
             enrollment=EnrollmentService(
                 engine=engine,
-                ca=ca,
+                ca=CAGateway(ca),
                 ca_fingerprint=ca_fingerprint(ca),
                 keyring=keyring,
                 publisher=publisher,

@@ -65,6 +65,8 @@ enrollment_tokens = sa.Table(
     sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set for a re-enrollment token: it may only re-issue this device's identity.
+    sa.Column("device_id", sa.String(64), nullable=True),
 )
 
 devices = sa.Table(
@@ -93,6 +95,8 @@ devices = sa.Table(
     sa.Column("health_seq", sa.BigInteger, nullable=True),
     sa.Column("cert_serial", sa.String(64), nullable=True),
     sa.Column("cert_not_after", UTCDateTime, nullable=True),
+    # active | revoked | decommissioned
+    sa.Column("state", sa.String(16), nullable=False, server_default="active"),
 )
 
 certificates = sa.Table(
@@ -104,6 +108,10 @@ certificates = sa.Table(
     sa.Column("not_after", UTCDateTime, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # enroll | renew | reenroll
+    sa.Column("issued_by", sa.String(16), nullable=False, server_default="enroll"),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("revocation_reason", sa.String(64), nullable=True),
 )
 
 desired_states = sa.Table(

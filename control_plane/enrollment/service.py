@@ -8,7 +8,6 @@ here, never taken from the CSR.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from datetime import timedelta
 
@@ -22,7 +21,8 @@ from control_plane.db.schema import certificates, devices, enrollment_tokens, st
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
 from control_plane.errors import CSRRejected, EnrollmentRefused, NotFound
-from control_plane.pki.ca import CertificateAuthority, load_csr
+from control_plane.pki.ca import load_csr
+from control_plane.pki.gateway import CAGateway
 from control_plane.pki.signing_keys import SigningKeyring
 from protocol.messages import BrokerEndpoint, EnrollmentRequest, EnrollmentResponse
 
@@ -34,7 +34,7 @@ class EnrollmentService:
         self,
         *,
         engine: AsyncEngine,
-        ca: CertificateAuthority,
+        ca: CAGateway,
         ca_fingerprint: str,
         keyring: SigningKeyring,
         publisher: DesiredStatePublisher,
@@ -146,9 +146,7 @@ class EnrollmentService:
                 )
             ).first()
             if consumed is not None:
-                # Signing is CPU work (I/O for remote CA backends): keep it off the event loop.
-                issued = await asyncio.to_thread(
-                    self._ca.sign_device_csr,
+                issued = await self._ca.sign_device_csr(
                     request.csr_pem,
                     device_id=device_id,
                     store_id=consumed.store_id,

@@ -30,6 +30,8 @@ ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 BACKDATE = timedelta(minutes=5)
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
+# A CRL is re-signed on every revocation and at start-up; this bounds how stale a copy may be.
+CRL_VALIDITY = timedelta(days=7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +42,32 @@ class IssuedCertificate:
     not_after: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class RevokedCertificate:
+    serial: str  # hex
+    revoked_at: datetime
+
+
 class CertificateAuthority(Protocol):
-    """What the control plane needs from any CA backend (built-in, Vault PKI)."""
+    """What the control plane needs from any CA backend (built-in, Vault PKI).
+
+    Synchronous on purpose (hvac is): callers go through `control_plane.pki.gateway.CAGateway`,
+    which runs these in a thread with a timeout.
+    """
 
     def ca_chain_pem(self) -> str: ...
 
     def sign_device_csr(
         self, csr_pem: str, *, device_id: str, store_id: str, validity: timedelta
     ) -> IssuedCertificate: ...
+
+    def revoke(self, serial: str) -> None:
+        """Tell the backend a certificate is revoked (the built-in CA keeps no state: no-op)."""
+        ...
+
+    def crl_pem(self, revoked: list[RevokedCertificate]) -> str:
+        """A current CRL. The built-in CA signs one from `revoked`; Vault serves its own."""
+        ...
 
 
 def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
@@ -187,6 +207,27 @@ class BuiltinCA:
             x509.UniformResourceIdentifier(device_uri(self.trust_domain, store_id, device_id))
         ]
         return self._issue(public_key, device_id, san, ExtendedKeyUsageOID.CLIENT_AUTH, validity)
+
+    def revoke(self, serial: str) -> None:
+        """Revocations are kept in the database; the CRL is built from them."""
+
+    def crl_pem(self, revoked: list[RevokedCertificate]) -> str:
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._cert.subject)
+            .last_update(now - BACKDATE)
+            .next_update(now + CRL_VALIDITY)
+        )
+        for entry in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(entry.serial, 16))
+                .revocation_date(entry.revoked_at)
+                .build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM).decode()
 
     def issue_service_identity(self, name: str, validity: timedelta) -> tuple[bytes, IssuedCertificate]:
         """A key and client certificate for one of our own services (e.g. the control plane)."""
