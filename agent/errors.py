@@ -8,7 +8,9 @@ are translated where they enter the agent, with ``raise ... from exc``.
     │   └── CAPinMismatch     the CA the server presents is not the pinned bootstrap CA
     ├── NotEnrolled           the state directory holds no enrollment yet
     ├── StateError            local state is unreadable or inconsistent
-    └── ApplyError            a handler could not apply a desired state (last-known-good kept)
+    ├── ApplyError            a handler could not apply a desired state (last-known-good kept)
+    ├── RenewalFailed         a certificate renewal got no usable answer; carries `retry_after_s`
+    └── CertificateExpired    the device certificate expired: only re-enrollment brings it back
 
 MQTT connection errors never leave `Agent.run`: the session reconnects with backoff.
 """
@@ -71,3 +73,24 @@ class ApplyError(AgentError):
     def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.detail = detail or message
+
+
+class RenewalFailed(AgentError):
+    """A renewal attempt failed: refused (`code` is the control plane's reason), no answer in
+    time (``renewal_timeout``) or an unacceptable certificate (``invalid_response``). The
+    current certificate stays in use; `retry_after_s` is the control plane's hint, if any."""
+
+    code = "renewal_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class CertificateExpired(AgentError):
+    """The device certificate (and any renewed one) has expired. The agent never connects with
+    it; an operator issues a re-enrollment token and runs `storefleet-agent reenroll`."""
+
+    code = "certificate_expired"

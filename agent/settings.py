@@ -43,6 +43,21 @@ class AgentSettings(BaseSettings):
     http_timeout_s: float = Field(default=15.0, gt=0)
     probe_timeout_s: float = Field(default=5.0, gt=0)
 
+    # Certificate renewal (agent/renewal.py): at `renew_at_fraction` of the certificate's life,
+    # give or take `renew_jitter_fraction` of it (drawn once per certificate), so that a fleet
+    # enrolled together does not renew together.
+    renew_at_fraction: float = Field(default=2 / 3, gt=0, lt=1)
+    renew_jitter_fraction: float = Field(default=0.05, ge=0, lt=0.5)
+    # Wait for the answer; the same request is sent up to `renewal_attempts` times.
+    renewal_timeout_s: float = Field(default=30.0, gt=0)
+    renewal_attempts: int = Field(default=3, ge=1)
+    # After a failure without a hint from the control plane: backoff between these bounds.
+    renewal_retry_min_s: float = Field(default=60.0, gt=0)
+    renewal_retry_max_s: float = Field(default=3600.0, gt=0)
+    # With an expired certificate the agent does not connect; it looks for re-enrolled
+    # credentials this often.
+    expired_recheck_s: float = Field(default=60.0, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -63,6 +78,11 @@ class AgentSettings(BaseSettings):
     def _backoff_bounds(self) -> Self:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.renewal_retry_max_s < self.renewal_retry_min_s:
+            raise ValueError("renewal_retry_max_s must be >= renewal_retry_min_s")
+        spread = self.renew_jitter_fraction
+        if self.renew_at_fraction - spread <= 0 or self.renew_at_fraction + spread >= 1:
+            raise ValueError("renew_at_fraction ± renew_jitter_fraction must stay within (0, 1)")
         if self.ca_file is not None and self.ca_fingerprint is not None:
             raise ValueError("set either ca_file or ca_fingerprint, not both")
         return self

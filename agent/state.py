@@ -10,6 +10,20 @@ config-signing keys, the applied desired state (version + the raw signed documen
 last-known-good) and the health sequence number, which survives restarts so the control
 plane can order reports.
 
+Renewed credentials are staged next to the current ones (``device.next.key`` first, then
+``device.next.pem``) and committed by renaming them over ``device.pem`` then ``device.key``
+once a connection with them has succeeded. `recover_credentials` finishes or drops whatever
+a crash interrupted, so a restart always finds a matching key and certificate:
+
+=========================================  ===============================================
+files after a crash                        recovery
+=========================================  ===============================================
+next.key only, device.pem for the old key  staging interrupted: drop next.key
+next.key + next.pem (a matching pair)      staged, untried or unconfirmed: kept, tried first
+next.key only, device.pem for next.key     commit interrupted: rename next.key → device.key
+next.pem only, or a mismatched pair        impossible by construction: dropped
+=========================================  ===============================================
+
 Methods are synchronous and thread-safe. `io()` runs one on a worker thread when it touches
 the disk (a commit is an fsync) and inline when the state is in memory.
 """
@@ -32,7 +46,8 @@ from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError, Table
 
 from agent.errors import NotEnrolled, StateError
-from agent.files import PRIVATE, PUBLIC, atomic_write
+from agent.files import PRIVATE, PUBLIC, atomic_write, fsync_dir
+from agent.identity import fingerprint, load_certificate, load_private_key, matches_key
 from protocol.messages import EnrollmentResponse
 
 P = ParamSpec("P")
@@ -42,7 +57,10 @@ DB_NAME = "agent.db"
 KEY_FILE = "device.key"
 CERT_FILE = "device.pem"
 CA_FILE = "ca.pem"
-SCHEMA = 1
+# Renewed credentials waiting for their first successful connection.
+PENDING_KEY_FILE = "device.next.key"
+PENDING_CERT_FILE = "device.next.pem"
+SCHEMA = 1  # additive tables (credentials, renewal) keep it: an older agent ignores them
 _SINGLETON = 1  # primary key of one-row tables
 
 
@@ -71,12 +89,33 @@ class CredentialFiles:
     private_key: Path
 
 
+@dataclass(frozen=True, slots=True)
+class RenewalRecord:
+    """What the renewal machinery last did, for `storefleet-agent status`.
+
+    `status`: ``scheduled``, ``renewing``, ``staged`` (new certificate waiting for its first
+    connection), ``retrying``, ``expired`` (re-enrollment needed); empty before the first run.
+    """
+
+    status: str = ""
+    next_renewal_at: datetime | None = None
+    last_renewed_at: datetime | None = None
+    last_error: str | None = None
+    renewals: int = 0
+
+
 class _Blobs(Protocol):
     """Where PEM material lives: files next to the database, or memory."""
 
     def read(self, name: str) -> bytes | None: ...
 
     def write(self, name: str, data: bytes, *, private: bool) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def rename(self, source: str, target: str) -> None:
+        """Atomically replace `target` with `source`."""
+        ...
 
 
 class _DirectoryBlobs:
@@ -92,6 +131,16 @@ class _DirectoryBlobs:
     def write(self, name: str, data: bytes, *, private: bool) -> None:
         atomic_write(self.directory / name, data, mode=PRIVATE if private else PUBLIC)
 
+    def delete(self, name: str) -> None:
+        path = self.directory / name
+        if path.exists():
+            path.unlink()
+            fsync_dir(self.directory)
+
+    def rename(self, source: str, target: str) -> None:
+        os.replace(self.directory / source, self.directory / target)
+        fsync_dir(self.directory)
+
 
 class _MemoryBlobs:
     def __init__(self) -> None:
@@ -103,6 +152,12 @@ class _MemoryBlobs:
     def write(self, name: str, data: bytes, *, private: bool) -> None:
         del private  # nothing to protect in memory
         self._blobs[name] = data
+
+    def delete(self, name: str) -> None:
+        self._blobs.pop(name, None)
+
+    def rename(self, source: str, target: str) -> None:
+        self._blobs[target] = self._blobs.pop(source)
 
 
 class AgentState:
@@ -177,6 +232,23 @@ class AgentState:
                 {"id": int, "version": int, "document": str, "applied_at": str}, pk="id", if_not_exists=True
             )
             self._table("counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
+            # When each certificate (by fingerprint) reached this device: its life for renewal
+            # counts from then, not from the CA's back-dated not_before.
+            self._table("credentials").create(
+                {"fingerprint": str, "obtained_at": str}, pk="fingerprint", if_not_exists=True
+            )
+            self._table("renewal").create(
+                {
+                    "id": int,
+                    "status": str,
+                    "next_renewal_at": str,
+                    "last_renewed_at": str,
+                    "last_error": str,
+                    "renewals": int,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
 
     def _table(self, name: str) -> Table:
@@ -216,11 +288,130 @@ class AgentState:
             data = self._blobs.read(CA_FILE)
         return data.decode() if data is not None else None
 
-    def credential_files(self) -> CredentialFiles | None:
-        """Paths of the certificate and key when they live on disk (for `ssl.load_cert_chain`)."""
+    def credential_files(self, *, pending: bool = False) -> CredentialFiles | None:
+        """Paths of the certificate and key when they live on disk (for `ssl.load_cert_chain`);
+        with `pending`, those of the staged renewed pair."""
         if self.directory is None:
             return None
+        if pending:
+            return CredentialFiles(self.directory / PENDING_CERT_FILE, self.directory / PENDING_KEY_FILE)
         return CredentialFiles(self.directory / CERT_FILE, self.directory / KEY_FILE)
+
+    # --- renewed credentials -----------------------------------------------------------
+
+    def pending_private_key_pem(self) -> bytes | None:
+        with self._lock, self._translate("read the staged device key"):
+            return self._blobs.read(PENDING_KEY_FILE)
+
+    def pending_certificate_pem(self) -> str | None:
+        """The staged certificate, only when its key is staged too."""
+        with self._lock, self._translate("read the staged certificate"):
+            if self._blobs.read(PENDING_KEY_FILE) is None:
+                return None
+            data = self._blobs.read(PENDING_CERT_FILE)
+        return data.decode() if data is not None else None
+
+    def stage_credentials(self, key_pem: bytes, cert_pem: str) -> None:
+        """Keep a renewed key and certificate beside the current ones (which stay in force).
+        The key is written first: a certificate file is never staged without its key."""
+        with self._lock, self._translate("stage the renewed credentials"):
+            self._blobs.delete(PENDING_CERT_FILE)
+            self._blobs.write(PENDING_KEY_FILE, key_pem, private=True)
+            self._blobs.write(PENDING_CERT_FILE, cert_pem.encode(), private=False)
+            self._note_obtained(cert_pem)
+
+    def commit_credentials(self) -> None:
+        """Make the staged pair the current one (after a connection with it succeeded)."""
+        with self._lock, self._translate("commit the renewed credentials"):
+            if self._blobs.read(PENDING_KEY_FILE) is None or self._blobs.read(PENDING_CERT_FILE) is None:
+                raise StateError("no renewed key and certificate are staged")
+            # Certificate first: a crash in between leaves device.pem for next.key, which
+            # `recover_credentials` recognises and completes.
+            self._blobs.rename(PENDING_CERT_FILE, CERT_FILE)
+            self._blobs.rename(PENDING_KEY_FILE, KEY_FILE)
+            current = self._blobs.read(CERT_FILE)
+            if current is not None:
+                self._forget_other_certificates(current.decode())
+
+    def discard_pending_credentials(self) -> None:
+        with self._lock, self._translate("discard the staged credentials"):
+            self._blobs.delete(PENDING_CERT_FILE)
+            self._blobs.delete(PENDING_KEY_FILE)
+
+    def recover_credentials(self) -> str | None:
+        """Finish or undo a staging or commit that a crash interrupted (see the module
+        docstring); return what was done, or None if there was nothing to do."""
+        with self._lock, self._translate("recover the credentials"):
+            key, cert = self._blobs.read(PENDING_KEY_FILE), self._blobs.read(PENDING_CERT_FILE)
+            if key is None and cert is None:
+                return None
+            if key is None:
+                self._blobs.delete(PENDING_CERT_FILE)
+                return "dropped a staged certificate without its key"
+            if cert is not None:
+                if _pair_matches(cert, key):
+                    return None
+                self._blobs.delete(PENDING_CERT_FILE)
+                self._blobs.delete(PENDING_KEY_FILE)
+                return "dropped a staged certificate and key that do not match"
+            current = self._blobs.read(CERT_FILE)
+            if current is not None and _pair_matches(current, key):
+                self._blobs.rename(PENDING_KEY_FILE, KEY_FILE)
+                return "completed an interrupted commit of renewed credentials"
+            self._blobs.delete(PENDING_KEY_FILE)
+            return "dropped a staged key whose certificate never arrived"
+
+    def certificate_obtained_at(self, cert_pem: str) -> datetime | None:
+        """When this device received `cert_pem` (None if it was not recorded)."""
+        try:
+            key = fingerprint(load_certificate(cert_pem))
+        except StateError:
+            return None
+        with self._lock, self._translate("read the certificate history"):
+            row = self._row("credentials", key)
+        return datetime.fromisoformat(row["obtained_at"]) if row is not None else None
+
+    def _note_obtained(self, cert_pem: str) -> None:
+        seen = {
+            "fingerprint": fingerprint(load_certificate(cert_pem)),
+            "obtained_at": datetime.now(UTC).isoformat(),
+        }
+        self._table("credentials").upsert(seen, pk="fingerprint")
+
+    def _forget_other_certificates(self, cert_pem: str) -> None:
+        keep = {fingerprint(load_certificate(cert_pem))}
+        staged = self._blobs.read(PENDING_CERT_FILE)
+        if staged is not None:
+            keep.add(fingerprint(load_certificate(staged)))
+        marks = ", ".join("?" for _ in keep)
+        self._db.execute(f"DELETE FROM credentials WHERE fingerprint NOT IN ({marks})", list(keep))  # noqa: S608
+
+    def renewal(self) -> RenewalRecord:
+        with self._lock, self._translate("read the renewal status"):
+            row = self._row("renewal", _SINGLETON)
+        if row is None:
+            return RenewalRecord()
+        return RenewalRecord(
+            status=row["status"] or "",
+            next_renewal_at=_parse_time(row["next_renewal_at"]),
+            last_renewed_at=_parse_time(row["last_renewed_at"]),
+            last_error=row["last_error"],
+            renewals=row["renewals"] or 0,
+        )
+
+    def record_renewal(self, record: RenewalRecord) -> None:
+        with self._lock, self._translate("record the renewal status"):
+            self._table("renewal").upsert(
+                {
+                    "id": _SINGLETON,
+                    "status": record.status,
+                    "next_renewal_at": _format_time(record.next_renewal_at),
+                    "last_renewed_at": _format_time(record.last_renewed_at),
+                    "last_error": record.last_error,
+                    "renewals": record.renewals,
+                },
+                pk="id",
+            )
 
     # --- enrollment --------------------------------------------------------------------
 
@@ -245,12 +436,20 @@ class AgentState:
             raise NotEnrolled(f"this device is not enrolled{where}: run `storefleet-agent enroll` first")
         return enrollment
 
-    def save_enrollment(self, response: EnrollmentResponse) -> None:
+    def save_enrollment(self, response: EnrollmentResponse, *, private_key_pem: bytes | None = None) -> None:
         """Persist what enrollment returned. Certificates first, then one transaction, so an
-        interrupted save reads as "not enrolled" (or the previous enrollment), never half."""
+        interrupted save reads as "not enrolled" (or the previous enrollment), never half.
+
+        With `private_key_pem` (re-enrollment: a new key replaces the current one) the key and
+        certificate are staged, then committed after the transaction, like renewed ones."""
         now = datetime.now(UTC).isoformat()
         with self._lock, self._translate("save the enrollment"):
-            self._blobs.write(CERT_FILE, response.certificate_pem.encode(), private=False)
+            if private_key_pem is not None:
+                self._blobs.delete(PENDING_CERT_FILE)
+                self._blobs.write(PENDING_KEY_FILE, private_key_pem, private=True)
+                self._blobs.write(PENDING_CERT_FILE, response.certificate_pem.encode(), private=False)
+            else:
+                self._blobs.write(CERT_FILE, response.certificate_pem.encode(), private=False)
             self._blobs.write(CA_FILE, response.ca_chain_pem.encode(), private=False)
             with self._db.atomic():
                 previous = self._row("enrollment", _SINGLETON)
@@ -277,6 +476,11 @@ class AgentState:
                     ],
                     pk="kid",
                 )
+                self._note_obtained(response.certificate_pem)
+                self._db.execute("DELETE FROM renewal")
+            if private_key_pem is not None:
+                self._blobs.rename(PENDING_CERT_FILE, CERT_FILE)
+                self._blobs.rename(PENDING_KEY_FILE, KEY_FILE)
 
     def signing_keys(self) -> dict[str, str]:
         """Pinned config-signing public keys, kid → PEM."""
@@ -324,3 +528,18 @@ class AgentState:
             )
             row = self._db.execute("SELECT value FROM counters WHERE name = 'health_seq'").fetchone()
         return int(row[0])
+
+
+def _pair_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    try:
+        return matches_key(load_certificate(cert_pem), load_private_key(key_pem))
+    except StateError:
+        return False
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _format_time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -32,17 +32,23 @@ def pinned_server_context(ca_pem: str) -> ssl.SSLContext:
     return _base_context(ca_pem)
 
 
-def broker_client_context(state: AgentState) -> ssl.SSLContext:
+def broker_client_context(state: AgentState, *, pending: bool = False) -> ssl.SSLContext:
     """mTLS to the broker: our certificate and key, the CA chain received at enrollment.
+    With `pending`, the renewed pair staged for its first connection (`AgentState.stage_credentials`).
 
-    Built once per agent and reused across reconnects.
+    Built once per certificate and reused across reconnects.
     """
-    ca_pem, cert_pem, key_pem = state.ca_chain_pem(), state.certificate_pem(), state.private_key_pem()
+    ca_pem = state.ca_chain_pem()
+    if pending:
+        cert_pem, key_pem = state.pending_certificate_pem(), state.pending_private_key_pem()
+    else:
+        cert_pem, key_pem = state.certificate_pem(), state.private_key_pem()
     if ca_pem is None or cert_pem is None or key_pem is None:
-        raise NotEnrolled("no certificate, key or CA chain in the agent state: enroll first")
+        what = "renewed certificate" if pending else "certificate"
+        raise NotEnrolled(f"no {what}, key or CA chain in the agent state: enroll first")
     context = _base_context(ca_pem)
     try:
-        files = state.credential_files()
+        files = state.credential_files(pending=pending)
         if files is not None:
             context.load_cert_chain(files.certificate, files.private_key)
         else:

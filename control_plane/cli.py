@@ -68,9 +68,13 @@ async def _serve(settings: ControlPlaneSettings) -> None:
 def _broker_config(args: argparse.Namespace) -> None:
     from control_plane.broker.mosquitto import write_mosquitto_config
     from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.files import write_public
 
     settings = _settings(args, ("data_dir", "trust_domain"))
     ca = BuiltinCA.load_or_create(settings.pki_dir, trust_domain=settings.trust_domain)
+    crl_file = settings.pki_dir / "crl.pem"
+    if not crl_file.exists():  # `serve` keeps it current from then on
+        write_public(crl_file, ca.crl_pem([]).encode())
     conf = write_mosquitto_config(
         args.out,
         ca=ca,
@@ -79,6 +83,7 @@ def _broker_config(args: argparse.Namespace) -> None:
         hostnames=args.hostname or None,
         run_as_user=args.user,
         client_id_from_certificate=args.client_id_from_certificate,
+        crl_file=crl_file,
     )
     print(
         f"wrote {conf}\nstart it with: mosquitto -c {conf}\n"

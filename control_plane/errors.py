@@ -8,6 +8,7 @@ maps these to HTTP once.
     ├── EnrollmentRefused         (401) token unknown, expired, used up, revoked, wrong store
     ├── CSRRejected               (422) CSR malformed, badly signed or with a weak key
     ├── InvalidInput              (422) a value the schema allows but the rules do not
+    ├── RateLimited               (429) too many requests from one source
     └── CAUnavailable             (503) the CA backend cannot sign now
 """
 
@@ -48,6 +49,14 @@ class CSRRejected(StorefleetError):
 
 class InvalidInput(StorefleetError):
     code = "invalid_input"
+
+
+class RateLimited(StorefleetError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class CAUnavailable(StorefleetError):

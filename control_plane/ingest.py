@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ from protocol.messages import (
     DeviceStatus,
     HealthReport,
     Message,
+    RenewalRequest,
     ReportedState,
     decode,
 )
@@ -41,6 +43,7 @@ _MODELS: dict[TopicKind, type[Message]] = {
     TopicKind.REPORTED: ReportedState,
     TopicKind.HEALTH: HealthReport,
     TopicKind.STATUS: DeviceStatus,
+    TopicKind.RENEW: RenewalRequest,
 }
 
 
@@ -67,6 +70,11 @@ class Ingest:
         self.rejected: Counter[str] = Counter()
         self.coalesced = 0
         self.flushes = 0
+        self._on_renewal: Callable[[RenewalRequest], None] | None = None
+
+    def route_renewals(self, handler: Callable[[RenewalRequest], None]) -> None:
+        """Hand validated renewal requests (device id = topic id) to `handler`, which must not block."""
+        self._on_renewal = handler
 
     @property
     def pending(self) -> int:
@@ -94,6 +102,13 @@ class Ingest:
                     detail={"topic": topic, "payload_device_id": str(getattr(message, "device_id", ""))[:64]},
                 )
             )
+            return
+        if isinstance(message, RenewalRequest):
+            if self._on_renewal is None:
+                self.rejected["renewal_unavailable"] += 1
+                return
+            self.accepted[parsed.kind.value] += 1
+            self._on_renewal(message)
             return
         self.accepted[parsed.kind.value] += 1
         if isinstance(message, HealthReport):
@@ -206,7 +221,13 @@ class Ingest:
 
 
 def _update(**values: Any) -> sa.Update:
-    return sa.update(devices).where(devices.c.id == sa.bindparam("b_id")).values(**values)
+    # A revoked or decommissioned device that is still connected (Mosquitto keeps live sessions
+    # until its restart) changes nothing.
+    return (
+        sa.update(devices)
+        .where(devices.c.id == sa.bindparam("b_id"), devices.c.state == "active")
+        .values(**values)
+    )
 
 
 def _online_after(status: dict[str, DeviceStatus], device_id: str, at: Any) -> bool:

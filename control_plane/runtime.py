@@ -1,7 +1,7 @@
 """What `storefleet serve` runs: built from settings, started, run until cancelled.
 
 ControlPlane.open()   data dir, database + migrations, CA, keys, admin key, services
-ControlPlane.run()    embedded broker (unless external), broker session, ingest,
+ControlPlane.run()    embedded broker (unless external), broker session, ingest, renewals,
                       audit writer and the HTTPS API, until cancelled or signalled
 """
 
@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -25,9 +25,13 @@ from control_plane.api.app import create_app
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.auth.api_keys import ApiKeys
 from control_plane.broker.embedded import EmbeddedBroker
+from control_plane.certificates.renewal import RenewalService
 from control_plane.db.engine import create_engine, migrate
 from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.devices.lifecycle import DeviceLifecycle
+from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
+from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
@@ -55,7 +59,13 @@ class Services:
     publisher: DesiredStatePublisher
     ingest: Ingest
     link: BrokerLink
+    renewals: RenewalService
     ca_chain_pem: str
+    registry: RevocationRegistry
+    lifecycle: DeviceLifecycle
+    enroll_limiter: RateLimiter
+    # Refusal counters of the embedded broker (None with an external broker).
+    broker_counters: Callable[[], dict[str, int]] | None = None
 
 
 def ca_fingerprint(ca: BuiltinCA) -> str:
@@ -148,6 +158,20 @@ class ControlPlane:
         )
         publisher = DesiredStatePublisher(engine, keyring, link)
         publisher_ref.append(publisher)
+        gateway = CAGateway(ca)
+        renewals = RenewalService(
+            engine=engine,
+            ca=gateway,
+            audit=audit,
+            link=link,
+            cert_validity=s.device_cert_validity,
+            min_interval=timedelta(seconds=s.renewal_min_interval_s),
+            ca_retry_after_s=s.renewal_ca_retry_after_s,
+            queue_size=s.renewal_queue_size,
+            workers=s.renewal_workers,
+        )
+        ingest.route_renewals(renewals.submit)
+        registry = RevocationRegistry(engine=engine, gateway=gateway, crl_path=s.pki_dir / "crl.pem")
         self._services = Services(
             engine=engine,
             audit=audit,
@@ -155,10 +179,11 @@ class ControlPlane:
             stores=StoreService(engine=engine, publisher=publisher, audit=audit),
             enrollment=EnrollmentService(
                 engine=engine,
-                ca=CAGateway(ca),
+                ca=gateway,
                 ca_fingerprint=ca_fingerprint(ca),
                 keyring=keyring,
                 publisher=publisher,
+                registry=registry,
                 audit=audit,
                 broker=BrokerEndpoint(host=broker_host, port=broker_port),
                 cert_validity=s.device_cert_validity,
@@ -172,7 +197,13 @@ class ControlPlane:
             publisher=publisher,
             ingest=ingest,
             link=link,
+            renewals=renewals,
             ca_chain_pem=ca.ca_chain_pem(),
+            registry=registry,
+            lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
+            enroll_limiter=RateLimiter(
+                rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
+            ),
         )
 
     async def close(self) -> None:
@@ -208,12 +239,17 @@ class ControlPlane:
                 on_security_event=self._on_broker_security_event,
             )
             await self._broker.start()
+            services.registry.enforcer = self._broker
+            services.broker_counters = lambda: dict(self._broker.counters) if self._broker else {}
+        # Revocations survive restarts: the broker refuses revoked serials from the first CONNECT.
+        await services.registry.publish()
         try:
             async with asyncio.TaskGroup() as group:
                 background = [
                     group.create_task(services.audit.run(), name="audit"),
                     group.create_task(services.ingest.run(), name="ingest"),
                     group.create_task(services.link.run(), name="broker-link"),
+                    group.create_task(services.renewals.run(), name="renewals"),
                 ]
                 try:
                     await self._serve_http()

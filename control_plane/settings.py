@@ -40,6 +40,15 @@ class ControlPlaneSettings(BaseSettings):
     ingest_flush_interval_s: float = Field(default=0.5, gt=0)
     ingest_batch_size: int = Field(default=500, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
+    # /v1/enroll token bucket per client address.
+    enroll_rate_per_source_s: float = Field(default=20.0, gt=0)
+    enroll_burst_per_source: int = Field(default=200, ge=1)
+    # Certificate renewal over MQTT: at most one certificate per device per interval; the
+    # retry hint when the CA cannot sign; queue between the MQTT ingest and the workers.
+    renewal_min_interval_s: float = Field(default=300.0, ge=0)
+    renewal_ca_retry_after_s: float = Field(default=60.0, gt=0)
+    renewal_queue_size: int = Field(default=1000, gt=0)
+    renewal_workers: int = Field(default=2, ge=1)
     log_format: str = Field(default="text", pattern="^(text|json)$")
 
     @field_validator("broker_url")

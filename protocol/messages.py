@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.errors import InvalidMessage
 from protocol.topics import DEVICE_ID_PATTERN, STORE_ID_PATTERN
@@ -21,6 +21,8 @@ from protocol.versions import SCHEMA_VERSION, check_schema
 MAX_MESSAGE_BYTES = 256 * 1024
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+# Chosen by the device per renewal attempt; a re-sent request keeps it (idempotency key).
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN)]
 ShortText = Annotated[str, Field(max_length=200)]
 
@@ -156,6 +158,52 @@ class DeviceStatus(Message):
     state: ConnectionState
     at: datetime = Field(default_factory=utc_now)
     agent_version: ShortText = ""
+
+
+class RenewalRequest(Message):
+    """A device asks for a new certificate for a new key, over its own mTLS session.
+
+    Published on ``sf/v1/dev/{device_id}/renew``; the broker confines a device to its own
+    topics, so the topic's device id is the authenticated identity. The CSR's subject is
+    ignored, as at enrollment.
+    """
+
+    device_id: DeviceId
+    request_id: RequestId
+    csr_pem: Annotated[str, Field(min_length=64, max_length=16_384)]
+
+
+class RenewalStatus(StrEnum):
+    ISSUED = "issued"
+    REFUSED = "refused"
+
+
+class RenewalResponse(Message):
+    """The answer on ``sf/v1/dev/{device_id}/renew/result`` (QoS 1, not retained).
+
+    `issued`: `certificate_pem` (for the CSR's key), `ca_chain_pem`, `not_after`.
+    `refused`: `reason` (``csr_rejected``, ``csr_bad_signature``, ``csr_weak_key``,
+    ``rate_limited``, ``ca_unavailable``, ``device_not_active``, ``certificate_revoked``,
+    ``device_unknown``, ``request_id_conflict``) and, when trying again later can help,
+    `retry_after_s`.
+    """
+
+    device_id: DeviceId
+    request_id: RequestId
+    status: RenewalStatus
+    certificate_pem: Annotated[str, Field(max_length=16_384)] | None = None
+    ca_chain_pem: Annotated[str, Field(max_length=65_536)] | None = None
+    not_after: datetime | None = None
+    reason: Annotated[str, Field(max_length=64)] | None = None
+    retry_after_s: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.status is RenewalStatus.ISSUED and (self.certificate_pem is None or self.not_after is None):
+            raise ValueError("an issued renewal carries certificate_pem and not_after")
+        if self.status is RenewalStatus.REFUSED and not self.reason:
+            raise ValueError("a refused renewal carries a reason")
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -11,6 +11,8 @@ topic                     direction                   notes
 ``…/status``              device → control plane      online / offline, retained; the will
 ``…/cmd``                 control plane → device      operator command, QoS 1
 ``…/cmd/result``          device → control plane      command result, QoS 1
+``…/renew``               device → control plane      certificate renewal request, QoS 1
+``…/renew/result``        control plane → device      renewal answer, QoS 1, not retained
 ========================  ==========================  =====================================
 
 A device may only publish and subscribe under its own id; the broker enforces it and the
@@ -40,13 +42,16 @@ class TopicKind(StrEnum):
     STATUS = "status"
     COMMAND = "cmd"
     COMMAND_RESULT = "cmd/result"
+    # Certificate renewal over the device's own mTLS session (see `protocol.messages`).
+    RENEW = "renew"
+    RENEW_RESULT = "renew/result"
 
 
 # What each side publishes; the broker ACLs are generated from these sets.
 DEVICE_PUBLISHES = frozenset(
-    {TopicKind.REPORTED, TopicKind.HEALTH, TopicKind.STATUS, TopicKind.COMMAND_RESULT}
+    {TopicKind.REPORTED, TopicKind.HEALTH, TopicKind.STATUS, TopicKind.COMMAND_RESULT, TopicKind.RENEW}
 )
-DEVICE_SUBSCRIBES = frozenset({TopicKind.DESIRED, TopicKind.COMMAND})
+DEVICE_SUBSCRIBES = frozenset({TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.RENEW_RESULT})
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.pki.ca import BuiltinCA
+from control_plane.pki.files import write_public
 from tests.support.control_plane import RunningControlPlane, running_control_plane
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.postgres import fresh_database
@@ -24,13 +25,19 @@ async def start_stack(name: str, tmp_path: Path, **overrides: object) -> AsyncIt
     # Production parts: the broker trusts the control plane's CA, made the way an operator
     # would with `storefleet broker-config mosquitto --data-dir …`.
     ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
+    crl_file = data_dir / "pki" / "crl.pem"
+    write_public(crl_file, ca.crl_pem([]).encode())  # what `storefleet broker-config` does
+    mosquitto = MosquittoProcess(
+        ca, tmp_path / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
+    )
     async with (
         fresh_database() as database_url,
-        MosquittoProcess(ca, tmp_path / "mosquitto", client_id_from_certificate=True) as (host, port),
+        mosquitto as (host, port),
         running_control_plane(
             data_dir, database_url=database_url, broker_url=f"mqtts://{host}:{port}", **overrides
         ) as cp,
     ):
+        cp.mosquitto = mosquitto
         yield cp
 
 

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 
 from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import error_body, install_error_handlers
+from control_plane.api.metrics import router as metrics_router
+from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
 from control_plane.stores.routes import router as stores_router
@@ -29,6 +31,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(stores_router)
     app.include_router(enrollment_router)
     app.include_router(devices_router)
+    app.include_router(certificates_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

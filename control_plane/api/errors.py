@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,6 +16,7 @@ from control_plane.errors import (
     EnrollmentRefused,
     InvalidInput,
     NotFound,
+    RateLimited,
     StorefleetError,
 )
 
@@ -24,6 +27,7 @@ STATUS_BY_ERROR: dict[type[StorefleetError], int] = {
     EnrollmentRefused: 401,
     CSRRejected: 422,
     InvalidInput: 422,
+    RateLimited: 429,
     CAUnavailable: 503,
 }
 
@@ -39,6 +43,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationFailed) else None
         if isinstance(exc, CAUnavailable):
             headers = {"Retry-After": "5"}
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:

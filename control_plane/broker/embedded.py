@@ -144,6 +144,20 @@ class BrokerGuard:
         self._on_security_event = on_security_event
         # client id -> the identity that owns the session stored under it
         self._owners: dict[str, CertificateIdentity] = {}
+        # Serials (lower-case hex) of revoked certificates: refused at CONNECT, like a CRL check.
+        self.revoked_serials: frozenset[str] = frozenset()
+
+    def is_revoked(self, ssl_object: ssl.SSLObject | None) -> bool:
+        if ssl_object is None or not self.revoked_serials:
+            return False
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
+            return False
+        try:
+            serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
+        except ValueError:
+            return False
+        return serial in self.revoked_serials
 
     def peer_identity(self, ssl_object: ssl.SSLObject | None) -> CertificateIdentity | None:
         if ssl_object is None:
@@ -163,6 +177,8 @@ class BrokerGuard:
         reason: str | None = None
         if identity is None:
             reason = "no client certificate proving an identity"
+        elif self.is_revoked(session.ssl_object):
+            reason = "certificate is revoked"
         elif not isinstance(client_id, str) or not client_id_matches(identity, client_id):
             reason = "client id does not match the certificate identity"
         elif has_stored_session and self._owners.get(client_id) != identity:
@@ -684,6 +700,10 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
+
+    def set_revoked_serials(self, serials: set[str]) -> None:
+        """Refuse these certificate serials (hex) from the next CONNECT on."""
+        self._guard.revoked_serials = frozenset(s.lower() for s in serials)
 
     async def disconnect(self, client_id: str) -> bool:
         """Drop the live connection of `client_id` now; False if it is not connected."""

@@ -84,12 +84,16 @@ def write_mosquitto_config(
     persistence_dir: Path | None = None,
     client_id_from_certificate: bool = False,
     server_validity: timedelta = SERVER_VALIDITY,
+    crl_file: Path | None = None,
 ) -> Path:
     """Write the configuration, ACL, CA copy and a fresh server identity to `out_dir`; return the conf path.
 
     `hostnames` go into the server certificate (default: ``localhost`` and `bind_address` when it
     is a specific address). `run_as_user` sets Mosquitto's ``user`` (when started as root it
     otherwise drops to ``mosquitto``, which must then be able to read these files).
+    `crl_file` is the CRL the control plane keeps current (``<data>/pki/crl.pem``); it must
+    exist before Mosquitto starts, and Mosquitto 2.0 reads it only at start: restart the broker
+    after a revocation (SIGHUP reloads the server certificate, not the CA store or the CRL).
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is out of range")
@@ -145,6 +149,10 @@ def write_mosquitto_config(
         "use_identity_as_username true",
         "tls_version tlsv1.2",
     ]
+    if crl_file is not None:
+        if not crl_file.exists():
+            raise FileNotFoundError(f"CRL file {crl_file} does not exist (storefleet writes it at start)")
+        lines.append(f"crlfile {_path(crl_file.resolve())}")
     if client_id_from_certificate:
         lines.append("use_username_as_clientid true")
     conf_file = out_dir / CONF_NAME

@@ -68,7 +68,7 @@ class DesiredStatePublisher:
                             stores.c.config,
                         )
                         .join(stores, stores.c.id == devices.c.store_id)
-                        .where(which)
+                        .where(which, devices.c.state == "active")
                     )
                 ).all()
                 issued: list[dict[str, Any]] = []
@@ -125,6 +125,8 @@ class DesiredStatePublisher:
             sa.and_(
                 devices.c.id == desired_states.c.device_id,
                 devices.c.desired_version == desired_states.c.version,
+                # A decommissioned device's retained state was cleared on purpose.
+                devices.c.state == "active",
             ),
         )
         async with self._engine.connect() as conn:

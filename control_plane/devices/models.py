@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from control_plane.errors import InvalidInput
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`3600`, `90m`, `72h`, `7d` → timedelta; anything else is a clear 422."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise InvalidInput(f"field 'expiring_within': {text!r} is not a duration like 3600, 90m, 72h or 7d")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 class DeviceView(BaseModel):
     id: str
     store_id: str
+    state: str = Field(description="active, revoked or decommissioned")
     role: str | None
     model: str
     serial: str
@@ -35,3 +50,20 @@ class DeviceView(BaseModel):
 class DevicePage(BaseModel):
     items: list[DeviceView]
     next_cursor: str | None
+
+
+class RevokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(min_length=1, max_length=64)] = "unspecified"
+
+
+class CertificateView(BaseModel):
+    device_id: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    status: str
+    issued_by: str
+    revoked_at: datetime | None
+    revocation_reason: str | None

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control_plane.clock import Clock, utc_now
-from control_plane.db.schema import devices
-from control_plane.devices.models import DevicePage, DeviceView
+from control_plane.db.schema import certificates, devices
+from control_plane.devices.models import CertificateView, DevicePage, DeviceView
 from control_plane.errors import NotFound
 
 MAX_PAGE = 1000
@@ -49,12 +49,74 @@ class DeviceService:
         items = [self._view(row._mapping) for row in rows[:limit]]
         return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
+    async def list_certificates(
+        self, *, expiring_within: timedelta | None, status: str | None, device_id: str | None, limit: int
+    ) -> list[CertificateView]:
+        """Certificates soonest-expiring first. `expiring_within` implies status valid."""
+        query = sa.select(certificates).order_by(certificates.c.not_after, certificates.c.serial).limit(limit)
+        if expiring_within is not None:
+            query = query.where(
+                certificates.c.status == "valid", certificates.c.not_after <= self._clock() + expiring_within
+            )
+        if status is not None:
+            query = query.where(certificates.c.status == status)
+        if device_id is not None:
+            query = query.where(certificates.c.device_id == device_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            CertificateView(
+                device_id=r.device_id,
+                serial=r.serial,
+                not_before=r.not_before,
+                not_after=r.not_after,
+                status=r.status,
+                issued_by=r.issued_by,
+                revoked_at=r.revoked_at,
+                revocation_reason=r.revocation_reason,
+            )
+            for r in rows
+        ]
+
+    async def certificate_expiry_buckets(self, bounds: list[tuple[str, timedelta]]) -> dict[str, int]:
+        """Valid certificates counted by how soon they expire (for the metrics gauge)."""
+        now = self._clock()
+        async with self._engine.connect() as conn:
+            not_afters = [
+                row.not_after
+                for row in await conn.execute(
+                    sa.select(certificates.c.not_after).where(certificates.c.status == "valid")
+                )
+            ]
+        counts = {"expired": 0, **{label: 0 for label, _ in bounds}, "later": 0}
+        for not_after in not_afters:
+            left = not_after - now
+            if left <= timedelta(0):
+                counts["expired"] += 1
+                continue
+            label = next((lbl for lbl, bound in bounds if left <= bound), "later")
+            counts[label] += 1
+        return counts
+
+    async def counts_by_state(self) -> dict[tuple[str, bool], int]:
+        """(state, online) → devices, with staleness applied like the device view."""
+        fresh_after = self._clock() - self._offline_after
+        online = sa.and_(devices.c.online, devices.c.last_seen_at >= fresh_after)
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(devices.c.state, online.label("online"), sa.func.count()).group_by(
+                    devices.c.state, online
+                )
+            )
+            return {(r[0], bool(r[1])): int(r[2]) for r in rows}
+
     def _view(self, row: Any) -> DeviceView:
         last_seen = row["last_seen_at"]
         fresh = last_seen is not None and last_seen >= self._clock() - self._offline_after
         return DeviceView(
             id=row["id"],
             store_id=row["store_id"],
+            state=row["state"],
             role=row["role"],
             model=row["model"],
             serial=row["serial"],

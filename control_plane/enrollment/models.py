@@ -20,6 +20,9 @@ class TokenView(BaseModel):
     id: str
     store_id: str
     role: str | None
+    device_id: str | None = Field(
+        default=None, description="Set for a re-enrollment token: the device it re-issues."
+    )
     expires_at: datetime
     max_uses: int
     uses: int

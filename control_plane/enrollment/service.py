@@ -2,26 +2,35 @@
 
 A token is consumed with one conditional UPDATE (not expired, not revoked, uses left), so two
 devices racing for a single-use token cannot both win. The CSR is checked before the token
-is consumed: a malformed CSR does not burn a token. The certificate's identity is decided
+is consumed: a malformed CSR does not burn a token; and the whole enrollment is one
+transaction, so a CA outage does not burn it either. The certificate's identity is decided
 here, never taken from the CSR.
+
+A token bound to a device (`create_reenrollment_token`) re-issues that device's identity:
+same device id, a new certificate, the old ones revoked ("superseded"). It is how a device
+whose certificate expired while offline, or whose key was lost, comes back: an explicit,
+audited operator action.
 """
 
 from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.auth.api_keys import hash_secret, new_secret
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import certificates, devices, enrollment_tokens, stores
 from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.devices.lifecycle import DECOMMISSIONED
+from control_plane.devices.revocation import RevocationRegistry, revoke_certificates
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
-from control_plane.errors import CSRRejected, EnrollmentRefused, NotFound
-from control_plane.pki.ca import load_csr
+from control_plane.errors import Conflict, CSRRejected, EnrollmentRefused, NotFound
+from control_plane.pki.ca import IssuedCertificate, load_csr
 from control_plane.pki.gateway import CAGateway
 from control_plane.pki.signing_keys import SigningKeyring
 from protocol.messages import BrokerEndpoint, EnrollmentRequest, EnrollmentResponse
@@ -38,6 +47,7 @@ class EnrollmentService:
         ca_fingerprint: str,
         keyring: SigningKeyring,
         publisher: DesiredStatePublisher,
+        registry: RevocationRegistry,
         audit: AuditLog,
         broker: BrokerEndpoint,
         cert_validity: timedelta,
@@ -50,6 +60,7 @@ class EnrollmentService:
         self._ca_fingerprint = ca_fingerprint
         self._keyring = keyring
         self._publisher = publisher
+        self._registry = registry
         self._audit = audit
         self._broker = broker
         self._cert_validity = cert_validity
@@ -57,41 +68,74 @@ class EnrollmentService:
         self._health_interval_s = health_interval_s
         self._clock = clock
 
+    # --- tokens ------------------------------------------------------------------------
+
     async def create_token(self, store_id: str, spec: TokenCreate, *, actor: str) -> TokenCreated:
-        secret = new_secret(TOKEN_PREFIX)
-        token_id = secrets.token_hex(8)
-        now = self._clock()
-        ttl = timedelta(hours=spec.ttl_hours) if spec.ttl_hours else self._default_token_ttl
         async with self._engine.begin() as conn:
             if await conn.scalar(sa.select(stores.c.id).where(stores.c.id == store_id)) is None:
                 raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
-            await conn.execute(
-                enrollment_tokens.insert().values(
-                    id=token_id,
-                    token_hash=hash_secret(secret),
-                    store_id=store_id,
-                    role=spec.role,
-                    expires_at=now + ttl,
-                    max_uses=spec.max_uses,
-                    uses=0,
-                    created_at=now,
+            return await self._insert_token(conn, store_id, spec, actor=actor, device_id=None)
+
+    async def create_reenrollment_token(
+        self, device_id: str, spec: TokenCreate, *, actor: str
+    ) -> TokenCreated:
+        """A single-use token that re-issues this device's identity (same device id)."""
+        async with self._engine.begin() as conn:
+            device = (
+                await conn.execute(
+                    sa.select(devices.c.store_id, devices.c.state, devices.c.role).where(
+                        devices.c.id == device_id
+                    )
                 )
+            ).first()
+            if device is None:
+                raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
+            if device.state == DECOMMISSIONED:
+                raise Conflict(f"device {device_id!r} is decommissioned", code="device_decommissioned")
+            single = TokenCreate(role=device.role, ttl_hours=spec.ttl_hours, max_uses=1)
+            return await self._insert_token(conn, device.store_id, single, actor=actor, device_id=device_id)
+
+    async def _insert_token(
+        self, conn: AsyncConnection, store_id: str, spec: TokenCreate, *, actor: str, device_id: str | None
+    ) -> TokenCreated:
+        secret = new_secret(TOKEN_PREFIX)
+        token_id = secrets.token_hex(8)
+        now = self._clock()
+        expires_at = now + (timedelta(hours=spec.ttl_hours) if spec.ttl_hours else self._default_token_ttl)
+        await conn.execute(
+            enrollment_tokens.insert().values(
+                id=token_id,
+                token_hash=hash_secret(secret),
+                store_id=store_id,
+                role=spec.role,
+                expires_at=expires_at,
+                max_uses=spec.max_uses,
+                uses=0,
+                created_at=now,
+                device_id=device_id,
             )
-            await self._audit.record(
-                AuditEvent(
-                    action="token.create",
-                    outcome=Outcome.SUCCESS,
-                    actor=actor,
-                    target=store_id,
-                    detail={"token_id": token_id, "role": spec.role, "max_uses": spec.max_uses},
-                ),
-                connection=conn,
-            )
+        )
+        await self._audit.record(
+            AuditEvent(
+                action="token.create",
+                outcome=Outcome.SUCCESS,
+                actor=actor,
+                target=store_id,
+                detail={
+                    "token_id": token_id,
+                    "role": spec.role,
+                    "max_uses": spec.max_uses,
+                    "device_id": device_id,
+                },
+            ),
+            connection=conn,
+        )
         return TokenCreated(
             id=token_id,
             store_id=store_id,
             role=spec.role,
-            expires_at=now + ttl,
+            device_id=device_id,
+            expires_at=expires_at,
             max_uses=spec.max_uses,
             uses=0,
             revoked=False,
@@ -105,7 +149,7 @@ class EnrollmentService:
                 await conn.execute(
                     sa.select(enrollment_tokens)
                     .where(enrollment_tokens.c.store_id == store_id)
-                    .order_by(enrollment_tokens.c.created_at)
+                    .order_by(enrollment_tokens.c.created_at, enrollment_tokens.c.id)
                 )
             ).all()
         return [
@@ -113,6 +157,7 @@ class EnrollmentService:
                 id=r.id,
                 store_id=r.store_id,
                 role=r.role,
+                device_id=r.device_id,
                 expires_at=r.expires_at,
                 max_uses=r.max_uses,
                 uses=r.uses,
@@ -120,6 +165,30 @@ class EnrollmentService:
             )
             for r in rows
         ]
+
+    async def revoke_token(self, store_id: str, token_id: str, *, actor: str) -> None:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(enrollment_tokens)
+                .where(enrollment_tokens.c.id == token_id, enrollment_tokens.c.store_id == store_id)
+                .values(revoked_at=sa.func.coalesce(enrollment_tokens.c.revoked_at, self._clock()))
+            )
+            if result.rowcount == 0:
+                raise NotFound(
+                    f"token {token_id!r} does not exist in store {store_id!r}", code="token_not_found"
+                )
+            await self._audit.record(
+                AuditEvent(
+                    action="token.revoke",
+                    outcome=Outcome.SUCCESS,
+                    actor=actor,
+                    target=store_id,
+                    detail={"token_id": token_id},
+                ),
+                connection=conn,
+            )
+
+    # --- enrollment ----------------------------------------------------------------------
 
     async def enroll(self, request: EnrollmentRequest, *, source: str) -> EnrollmentResponse:
         try:
@@ -129,10 +198,9 @@ class EnrollmentService:
             raise
         digest = hash_secret(request.token)
         now = self._clock()
-        device_id = "dev-" + secrets.token_hex(8)
-        # One transaction: if signing fails (a remote CA is down) the token is not consumed.
+        superseded: list[str] = []
         async with self._engine.begin() as conn:
-            consumed = (
+            token = (
                 await conn.execute(
                     sa.update(enrollment_tokens)
                     .where(
@@ -142,32 +210,25 @@ class EnrollmentService:
                         enrollment_tokens.c.uses < enrollment_tokens.c.max_uses,
                     )
                     .values(uses=enrollment_tokens.c.uses + 1)
-                    .returning(enrollment_tokens.c.id, enrollment_tokens.c.store_id, enrollment_tokens.c.role)
-                )
-            ).first()
-            if consumed is not None:
-                issued = await self._ca.sign_device_csr(
-                    request.csr_pem,
-                    device_id=device_id,
-                    store_id=consumed.store_id,
-                    validity=self._cert_validity,
-                )
-                info = request.device
-                await conn.execute(
-                    devices.insert().values(
-                        id=device_id,
-                        store_id=consumed.store_id,
-                        role=consumed.role or info.role,
-                        model=info.model,
-                        serial=info.serial,
-                        os=info.os,
-                        hostname=info.hostname,
-                        agent_version=info.agent_version,
-                        enrolled_at=now,
-                        cert_serial=issued.serial,
-                        cert_not_after=issued.not_after,
+                    .returning(
+                        enrollment_tokens.c.id,
+                        enrollment_tokens.c.store_id,
+                        enrollment_tokens.c.role,
+                        enrollment_tokens.c.device_id,
                     )
                 )
+            ).first()
+            if token is not None:
+                if token.device_id is None:
+                    device_id = "dev-" + secrets.token_hex(8)
+                    issued = await self._sign(request, device_id, token.store_id)
+                    await self._insert_device(conn, request, device_id, token, issued)
+                    action = "device.enroll"
+                else:
+                    device_id = token.device_id
+                    issued = await self._sign(request, device_id, token.store_id)
+                    superseded = await self._reissue(conn, request, device_id, issued)
+                    action = "device.reenroll"
                 await conn.execute(
                     certificates.insert().values(
                         serial=issued.serial,
@@ -176,37 +237,94 @@ class EnrollmentService:
                         not_after=issued.not_after,
                         status="valid",
                         created_at=now,
+                        issued_by="enroll" if token.device_id is None else "reenroll",
                     )
                 )
                 await self._audit.record(
                     AuditEvent(
-                        action="device.enroll",
+                        action=action,
                         outcome=Outcome.SUCCESS,
-                        actor=f"token:{consumed.id}",
+                        actor=f"token:{token.id}",
                         target=device_id,
                         source=source,
                         detail={
-                            "store_id": consumed.store_id,
+                            "store_id": token.store_id,
                             "serial": issued.serial,
                             "not_after": issued.not_after.isoformat(),
+                            "superseded": superseded,
                         },
                     ),
                     connection=conn,
                 )
-        if consumed is None:
+        if token is None:
             reason = await self._why_refused(digest)
             await self._refuse(reason, source=source)
             raise EnrollmentRefused(_REFUSAL_MESSAGES[reason], code=reason)
+        if superseded:
+            await self._registry.publish(superseded)
         await self._publisher.refresh_devices([device_id])
         return EnrollmentResponse(
             device_id=device_id,
-            store_id=consumed.store_id,
+            store_id=token.store_id,
             certificate_pem=issued.certificate_pem,
             ca_chain_pem=self._ca.ca_chain_pem(),
             broker=self._broker,
             signing_keys=self._keyring.public_keys(),
             health_interval_s=self._health_interval_s,
         )
+
+    async def _sign(self, request: EnrollmentRequest, device_id: str, store_id: str) -> IssuedCertificate:
+        return await self._ca.sign_device_csr(
+            request.csr_pem, device_id=device_id, store_id=store_id, validity=self._cert_validity
+        )
+
+    async def _insert_device(
+        self,
+        conn: AsyncConnection,
+        request: EnrollmentRequest,
+        device_id: str,
+        token: Any,
+        issued: IssuedCertificate,
+    ) -> None:
+        info = request.device
+        await conn.execute(
+            devices.insert().values(
+                id=device_id,
+                store_id=token.store_id,
+                role=token.role or info.role,
+                model=info.model,
+                serial=info.serial,
+                os=info.os,
+                hostname=info.hostname,
+                agent_version=info.agent_version,
+                enrolled_at=self._clock(),
+                cert_serial=issued.serial,
+                cert_not_after=issued.not_after,
+            )
+        )
+
+    async def _reissue(
+        self, conn: AsyncConnection, request: EnrollmentRequest, device_id: str, issued: IssuedCertificate
+    ) -> list[str]:
+        state = await conn.scalar(sa.select(devices.c.state).where(devices.c.id == device_id))
+        if state is None or state == DECOMMISSIONED:
+            # Checked when the token was made; a decommission since then wins.
+            raise Conflict(f"device {device_id!r} is decommissioned", code="device_decommissioned")
+        superseded = await revoke_certificates(conn, device_id, reason="superseded", at=self._clock())
+        info = request.device
+        await conn.execute(
+            sa.update(devices)
+            .where(devices.c.id == device_id)
+            .values(
+                state="active",
+                cert_serial=issued.serial,
+                cert_not_after=issued.not_after,
+                agent_version=info.agent_version,
+                hostname=info.hostname,
+                os=info.os,
+            )
+        )
+        return superseded
 
     async def _why_refused(self, digest: str) -> str:
         async with self._engine.connect() as conn:

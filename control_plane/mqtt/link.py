@@ -20,7 +20,13 @@ from protocol.topics import TopicKind, fleet_filter
 
 logger = logging.getLogger(__name__)
 
-INGEST_KINDS = (TopicKind.REPORTED, TopicKind.HEALTH, TopicKind.STATUS, TopicKind.COMMAND_RESULT)
+INGEST_KINDS = (
+    TopicKind.REPORTED,
+    TopicKind.HEALTH,
+    TopicKind.STATUS,
+    TopicKind.COMMAND_RESULT,
+    TopicKind.RENEW,
+)
 
 MessageHandler = Callable[[str, bytes], None]
 

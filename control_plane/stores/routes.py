@@ -48,3 +48,11 @@ async def list_enrollment_tokens(
 ) -> list[TokenView]:
     await services.stores.get(store_id)
     return await services.enrollment.list_tokens(store_id)
+
+
+@router.delete("/{store_id}/enrollment-tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def revoke_enrollment_token(
+    store_id: str, token_id: str, services: ServicesDep, operator: OperatorDep
+) -> None:
+    """Revoke a token: enrollments with it are refused from now on (`token_revoked`)."""
+    await services.enrollment.revoke_token(store_id, token_id, actor=operator.name)

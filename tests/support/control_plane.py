@@ -31,6 +31,7 @@ class RunningControlPlane:
     settings: ControlPlaneSettings
     api: httpx.AsyncClient  # authenticated as admin
     anonymous: httpx.AsyncClient
+    mosquitto: Any = None  # the MosquittoProcess when the stack uses one
 
     @property
     def base_url(self) -> str:

@@ -44,6 +44,7 @@ class MosquittoProcess:
         host: str = "127.0.0.1",
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         client_id_from_certificate: bool = False,
+        crl_file: Path | None = None,
         binary: Path = MOSQUITTO_BINARY,
         startup_timeout: float = 10.0,
         attempts: int = 3,
@@ -53,6 +54,7 @@ class MosquittoProcess:
         self.host = host
         self.max_message_bytes = max_message_bytes
         self.client_id_from_certificate = client_id_from_certificate
+        self.crl_file = crl_file
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.attempts = attempts
@@ -99,6 +101,7 @@ class MosquittoProcess:
             run_as_user="root" if os.geteuid() == 0 else None,
             max_message_bytes=self.max_message_bytes,
             client_id_from_certificate=self.client_id_from_certificate,
+            crl_file=self.crl_file,
         )
         with self.log_file.open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(
@@ -136,6 +139,21 @@ class MosquittoProcess:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
+
+    async def restart(self) -> None:
+        """Stop and start again with the same configuration and port (how a CRL is reloaded)."""
+        assert self.conf_file is not None
+        await self._stop()
+        with self.log_file.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                str(self.binary),
+                "-c",
+                str(self.conf_file),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        await self._wait_for_port()
 
     async def _stop(self) -> None:
         process, self._process = self._process, None

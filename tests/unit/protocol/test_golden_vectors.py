@@ -11,6 +11,8 @@ from protocol.messages import (
     EnrollmentRequest,
     EnrollmentResponse,
     HealthReport,
+    RenewalRequest,
+    RenewalResponse,
     ReportedState,
     decode,
 )
@@ -30,6 +32,9 @@ GOLDEN = Path(__file__).parents[2] / "golden"
         ("health_report.json", HealthReport),
         ("status_online.json", DeviceStatus),
         ("status_offline.json", DeviceStatus),
+        ("renewal_request.json", RenewalRequest),
+        ("renewal_response.json", RenewalResponse),
+        ("renewal_response_refused.json", RenewalResponse),
     ],
 )
 def test_golden_message_decodes_and_round_trips(filename, model):

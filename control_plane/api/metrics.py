@@ -1,0 +1,72 @@
+"""`GET /metrics` in the Prometheus text format.
+
+Gauges are read from the database at scrape time (a scrape every 15-60 s costs two small
+queries); counters come from the live ingest and broker objects.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from control_plane.api.deps import ServicesDep
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Services
+
+router = APIRouter(tags=["health"])
+
+EXPIRY_BUCKETS = [
+    ("1h", timedelta(hours=1)),
+    ("24h", timedelta(hours=24)),
+    ("7d", timedelta(days=7)),
+    ("30d", timedelta(days=30)),
+]
+
+
+async def render(services: Services) -> bytes:
+    registry = CollectorRegistry()
+    certs = Gauge(
+        "storefleet_certificates_valid",
+        "Valid device certificates by time left until expiry",
+        ["expires_within"],
+        registry=registry,
+    )
+    for label, count in (await services.devices.certificate_expiry_buckets(EXPIRY_BUCKETS)).items():
+        certs.labels(expires_within=label).set(count)
+    devices = Gauge(
+        "storefleet_devices",
+        "Devices by lifecycle state and connection",
+        ["state", "online"],
+        registry=registry,
+    )
+    for (state, online), count in (await services.devices.counts_by_state()).items():
+        devices.labels(state=state, online=str(online).lower()).set(count)
+    accepted = Counter("storefleet_ingest_accepted", "Device messages accepted", ["kind"], registry=registry)
+    for kind, count in services.ingest.accepted.items():
+        accepted.labels(kind=kind).inc(count)
+    rejected = Counter(
+        "storefleet_ingest_rejected", "Device messages rejected", ["reason"], registry=registry
+    )
+    for reason, count in services.ingest.rejected.items():
+        rejected.labels(reason=reason).inc(count)
+    if services.broker_counters is not None:
+        broker = Counter(
+            "storefleet_broker_refusals", "Embedded broker refusals", ["kind"], registry=registry
+        )
+        for kind, count in services.broker_counters().items():
+            broker.labels(kind=kind).inc(count)
+    published = Counter(
+        "storefleet_desired_published", "Desired-state documents published", registry=registry
+    )
+    published.inc(services.publisher.published)
+    return generate_latest(registry)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(await render(services), media_type=CONTENT_TYPE_LATEST)

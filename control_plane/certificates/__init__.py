@@ -1,0 +1,1 @@
+"""Certificate lifecycle after enrollment: renewal over the device's own mTLS session."""
