@@ -3,6 +3,11 @@
     storefleet-agent enroll --server https://cp.example:8443 --ca-fingerprint sha256:… [--role pos]
     storefleet-agent run
     storefleet-agent status
+    storefleet-agent reenroll --server … --ca-fingerprint sha256:…   (or: enroll --reenroll)
+
+`reenroll` brings back a device whose certificate expired (or whose key was lost) with a
+re-enrollment token an operator created for it (``POST /v1/devices/{id}/reenrollment-tokens``):
+same device id, applied state kept, a new key and certificate.
 
 The token comes from ``--token`` or, better (it stays out of the process list),
 ``STOREFLEET_AGENT_TOKEN``. The state directory is ``--state-dir``, else
@@ -60,18 +65,29 @@ def _parser() -> argparse.ArgumentParser:
             help="agent state directory (default: $STOREFLEET_AGENT_STATE_DIR or /var/lib/storefleet-agent)",
         )
 
+    def with_enrollment(sub: argparse.ArgumentParser) -> None:
+        with_state_dir(sub)
+        sub.add_argument("--server", help="control plane URL, https://… ($STOREFLEET_AGENT_SERVER_URL)")
+        sub.add_argument("--token", help="enrollment token (prefer $STOREFLEET_AGENT_TOKEN)")
+        pin = sub.add_mutually_exclusive_group()
+        pin.add_argument("--ca-file", type=Path, help="PEM file of the control plane's CA")
+        pin.add_argument("--ca-fingerprint", help="sha256:<hex> of the control plane's CA certificate")
+        sub.add_argument("--role", help="device role, e.g. pos, kiosk (if the token allows a choice)")
+        sub.add_argument("--model", default="", help="hardware model")
+        sub.add_argument("--serial", default="", help="hardware serial number")
+        sub.add_argument("--hostname", default=None, help="host name to report (default: this host's)")
+
     enroll_cmd = commands.add_parser("enroll", help="enroll this device with the control plane")
-    with_state_dir(enroll_cmd)
-    enroll_cmd.add_argument("--server", help="control plane URL, https://… ($STOREFLEET_AGENT_SERVER_URL)")
-    enroll_cmd.add_argument("--token", help="enrollment token (prefer $STOREFLEET_AGENT_TOKEN)")
-    pin = enroll_cmd.add_mutually_exclusive_group()
-    pin.add_argument("--ca-file", type=Path, help="PEM file of the control plane's CA")
-    pin.add_argument("--ca-fingerprint", help="sha256:<hex> of the control plane's CA certificate")
-    enroll_cmd.add_argument("--role", help="device role, e.g. pos, kiosk (if the token allows a choice)")
-    enroll_cmd.add_argument("--model", default="", help="hardware model")
-    enroll_cmd.add_argument("--serial", default="", help="hardware serial number")
-    enroll_cmd.add_argument("--hostname", default=None, help="host name to report (default: this host's)")
-    enroll_cmd.add_argument("--force", action="store_true", help="re-enroll a device that is enrolled")
+    with_enrollment(enroll_cmd)
+    enroll_cmd.add_argument("--force", action="store_true", help="enroll again, as a new device")
+    enroll_cmd.add_argument(
+        "--reenroll", action="store_true", help="re-enroll this device (same id) with a re-enrollment token"
+    )
+    reenroll_cmd = commands.add_parser(
+        "reenroll", help="re-enroll this device (same id, new key) with a re-enrollment token"
+    )
+    with_enrollment(reenroll_cmd)
+    reenroll_cmd.set_defaults(reenroll=True, force=False)
 
     run_cmd = commands.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     with_state_dir(run_cmd)
@@ -123,13 +139,18 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise ConfigurationError("no enrollment token: pass --token or set STOREFLEET_AGENT_TOKEN")
     if settings.ca_file is None and settings.ca_fingerprint is None:
         raise ConfigurationError("pin the control plane's CA with --ca-file or --ca-fingerprint")
+    if args.reenroll and not (settings.state_dir / DB_NAME).exists():
+        raise ConfigurationError(f"no enrolled device in {settings.state_dir} to re-enroll: use `enroll`")
     state = _open_state(settings)
     try:
         existing = state.enrollment()
-        if existing is not None and not args.force:
+        if args.reenroll and existing is None:
+            raise ConfigurationError(f"no enrolled device in {settings.state_dir} to re-enroll: use `enroll`")
+        if existing is not None and not args.force and not args.reenroll:
             raise ConfigurationError(
                 f"already enrolled as device {existing.device_id} in store {existing.store_id} "
-                f"(state in {settings.state_dir}); use --force to enroll again"
+                f"(state in {settings.state_dir}); use `reenroll` with a re-enrollment token to renew "
+                "its identity, or --force to enroll as a new device"
             )
         device = DeviceInfo(
             hostname=(args.hostname or socket.gethostname())[:200],
@@ -148,12 +169,14 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
                 ca_fingerprint=settings.ca_fingerprint,
                 device=device,
                 timeout_s=settings.http_timeout_s,
+                reenroll=args.reenroll,
             )
         )
     finally:
         state.close()
     _print_json(
         {
+            "reenrolled": bool(args.reenroll),
             "device_id": response.device_id,
             "store_id": response.store_id,
             "broker": f"{response.broker.host}:{response.broker.port}",
@@ -236,6 +259,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         applied = state.applied()
         cert_pem = state.certificate_pem()
         not_after = expiry(load_certificate(cert_pem)) if cert_pem is not None else None
+        staged_pem = state.pending_certificate_pem()
+        staged_not_after = expiry(load_certificate(staged_pem)) if staged_pem is not None else None
+        now = datetime.now(UTC)
+        expired = not_after is None or not_after <= now
+        renewal = state.renewal()
+        needs_reenrollment = expired and (staged_not_after is None or staged_not_after <= now)
         _print_json(
             {
                 "enrolled": True,
@@ -246,17 +275,36 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "applied_version": applied.version,
                 "applied_at": applied.applied_at.isoformat() if applied.applied_at else None,
                 "certificate_not_after": not_after.isoformat() if not_after else None,
-                "certificate_expired": not_after is None or not_after <= datetime.now(UTC),
+                "certificate_expired": expired,
+                "renewed_certificate_staged_not_after": _iso(staged_not_after),
+                "needs_reenrollment": needs_reenrollment,
+                "renewal": {
+                    "status": "expired" if needs_reenrollment else renewal.status or None,
+                    "next_renewal_at": _iso(renewal.next_renewal_at),
+                    "last_renewed_at": _iso(renewal.last_renewed_at),
+                    "renewals": renewal.renewals,
+                    "last_error": renewal.last_error,
+                },
                 "signing_keys": sorted(state.signing_keys()),
                 "state_dir": str(settings.state_dir),
             }
         )
+        if needs_reenrollment:
+            sys.stderr.write(
+                f"storefleet-agent: the device certificate expired; re-enroll device {enrollment.device_id}: "
+                "an operator creates a re-enrollment token (POST /v1/devices/<id>/reenrollment-tokens), "
+                "then run `storefleet-agent reenroll --token … --server … --ca-fingerprint …`\n"
+            )
     finally:
         state.close()
     return EXIT_OK
 
 
-_COMMANDS = {"enroll": _cmd_enroll, "run": _cmd_run, "status": _cmd_status}
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+_COMMANDS = {"enroll": _cmd_enroll, "reenroll": _cmd_enroll, "run": _cmd_run, "status": _cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,9 +78,14 @@ async def enroll(
     ca_fingerprint: str | None = None,
     device: DeviceInfo,
     timeout_s: float,
+    reenroll: bool = False,
 ) -> EnrollmentResponse:
     """Enroll this device and persist the result in `state`. Raises `EnrollmentError`
-    (`ServerUnreachable`, `CAPinMismatch`) or `ConfigurationError`."""
+    (`ServerUnreachable`, `CAPinMismatch`) or `ConfigurationError`.
+
+    With `reenroll` (a re-enrollment token bound to this device, e.g. after its certificate
+    expired offline) the device keeps its id and applied state; a new key replaces the old
+    one together with the certificate (`AgentState.save_enrollment(private_key_pem=…)`)."""
     if (ca_file is None) == (ca_fingerprint is None):
         raise ConfigurationError("pin the control plane's CA with exactly one of ca_file or ca_fingerprint")
     base = server_url.rstrip("/")
@@ -88,7 +93,8 @@ async def enroll(
         raise ConfigurationError("the control plane URL must use https://")
     pin = normalise_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
 
-    key = await state.io(ensure_key, state)
+    previous = await state.io(state.require_enrollment) if reenroll else None
+    key = generate_key() if reenroll else await state.io(ensure_key, state)
     try:
         request = EnrollmentRequest(
             token=token, csr_pem=build_csr(key, common_name_hint=device.hostname), device=device
@@ -111,6 +117,16 @@ async def enroll(
         raise ServerUnreachable(f"cannot complete enrollment with {base}: {_describe(exc)}") from exc
 
     _check_response(response, key)
+    if previous is not None:
+        if response.device_id != previous.device_id:
+            raise EnrollmentError(
+                f"the token enrolled a new device {response.device_id} instead of re-enrolling "
+                f"{previous.device_id}: it is not this device's re-enrollment token; nothing was saved",
+                code="not_a_reenrollment",
+            )
+        await state.io(state.save_enrollment, response, private_key_pem=private_key_pem(key))
+        logger.info("re-enrolled device %s with a new key and certificate", response.device_id)
+        return response
     await state.io(state.save_enrollment, response)
     logger.info("enrolled as device %s in store %s", response.device_id, response.store_id)
     return response

@@ -1,17 +1,24 @@
 """`Agent`: the long-lived MQTT session of one device.
 
     run()
-     └─ forever: connect (mTLS, persistent session, will = offline)      ← backoff + jitter
+     └─ forever: pick credentials (Renewer.select: staged renewed pair first, never an
+        │        expired one; none valid → wait for re-enrollment, don't connect)
+        └─ connect (mTLS, persistent session, will = offline)           ← backoff + jitter
+          ├─ CONNACK with a staged pair → commit it (Renewer.connected)
           ├─ publish status online (retained, QoS 1)
-          ├─ subscribe to its desired topic (QoS 1)
+          ├─ subscribe to its desired and renew/result topics (QoS 1)
           ├─ desired loop: message → Reconciler → ReportedState (QoS 1)
-          └─ health loop: HealthReport every interval (QoS 0, persisted seq)
+          ├─ health loop: HealthReport every interval (QoS 0, persisted seq)
+          └─ renewal loop: at ~2/3 of the certificate's life, renew over this session;
+             renewed pair staged → clean DISCONNECT (no offline, no will) and reconnect
+             with it at once; refused at connect → the previous pair, at once
         on cancel: publish status offline (retained), disconnect cleanly, re-raise
 
 Nothing here is global and nothing blocks the loop, so the simulator runs thousands of
 agents in one event loop. Connection errors never leave `run()`: they are logged, counted in
 `stats` and followed by a reconnect after `backoff_delay`. `run()` returns only by
-cancellation; a missing enrollment or unusable certificate raises before the first connect.
+cancellation; a missing enrollment or unusable certificate raises before the first connect,
+an expired one makes it wait (`needs_reenrollment`) instead of connecting.
 
 The backoff counter resets only after a session stayed up for `reconnect_max_s`, so a broker
 that accepts and immediately drops us (ACL, duplicate client id) is not hammered.
@@ -32,11 +39,12 @@ import aiomqtt
 
 from agent import AGENT_VERSION
 from agent.backoff import backoff_delay
-from agent.errors import AgentError
+from agent.errors import AgentError, CertificateExpired, StateError
 from agent.handlers import ApplyHandler
 from agent.health import HealthProbe, HealthSample
 from agent.logs import DeviceLog
 from agent.reconciler import Reconciler, trusted_keys
+from agent.renewal import Credential, CredentialsStaged, Renewer
 from agent.settings import AgentSettings
 from agent.state import AgentState
 from agent.tls import broker_client_context
@@ -67,8 +75,9 @@ class AgentStats:
 class Agent:
     """One device's agent. Build it from an enrolled `AgentState`; `await run()` until cancelled.
 
-    Observable: `connected`, `applied_version`, `reconnects`, `stats`; `wait_connected()`
-    and `wait_applied(version)`; `on_applied(version)` is called after each successful apply.
+    Observable: `connected`, `applied_version`, `reconnects`, `stats`, `needs_reenrollment`,
+    `renewer` (renewals, next_renewal_at, last_error); `wait_connected()` and
+    `wait_applied(version)`; `on_applied(version)` is called after each successful apply.
     """
 
     def __init__(
@@ -95,19 +104,27 @@ class Agent:
         self._on_applied = on_applied
         # Reconnect jitter only: not security-relevant.
         self._rng = rng or random.Random()  # noqa: S311
-        self._tls: ssl.SSLContext | None = None
+        self._handler = handler
+        self._tls: dict[str, ssl.SSLContext] = {}  # by certificate fingerprint
         self._up_since: float | None = None  # loop time the current session connected
         self._connected = asyncio.Event()
         self._applied_signal = asyncio.Event()
-        self.reconciler = Reconciler(
+        self._needs_reenrollment = False
+        self.reconciler = self._reconciler()
+        self.renewer = Renewer(
+            settings=settings, state=state, device_id=self.device_id, log=self.log, rng=self._rng
+        )
+        self.topics = {kind: device_topic(self.device_id, kind) for kind in TopicKind}
+
+    def _reconciler(self) -> Reconciler:
+        return Reconciler(
             device_id=self.device_id,
-            state=state,
-            handler=handler,
-            keys=trusted_keys(state.signing_keys()),
+            state=self.state,
+            handler=self._handler,
+            keys=trusted_keys(self.state.signing_keys()),
             on_applied=self._applied,
             log=self.log,
         )
-        self.topics = {kind: device_topic(self.device_id, kind) for kind in TopicKind}
 
     # --- observation -------------------------------------------------------------------
 
@@ -118,6 +135,11 @@ class Agent:
     @property
     def applied_version(self) -> int:
         return self.reconciler.applied_version
+
+    @property
+    def needs_reenrollment(self) -> bool:
+        """No valid certificate is left: the agent does not connect until it is re-enrolled."""
+        return self._needs_reenrollment
 
     @property
     def reconnects(self) -> int:
@@ -145,21 +167,41 @@ class Agent:
     # --- the session -------------------------------------------------------------------
 
     async def run(self) -> None:
-        if self._tls is None:
-            self._tls = await self.state.io(broker_client_context, self.state)
+        recovered = await self.state.io(self.state.recover_credentials)
+        if recovered is not None:
+            self.log.warning("credentials at start-up: %s", recovered)
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
+            credential = await self.renewer.select()
+            if credential is None:
+                await self._await_reenrollment()
+                continue
+            if self._needs_reenrollment:
+                await self._resume_after_reenrollment()
+            context = await self._context(credential)
+            if context is None:
+                continue
             self.stats.connect_attempts += 1
             self._up_since = None
+            rotating = expired = False
             try:
-                await self._session(self._tls)
+                await self._session(context)
+            except CredentialsStaged:
+                rotating = True
+            except CertificateExpired:
+                expired = True
             except aiomqtt.MqttError as exc:
                 self._note_error(exc, unexpected=False)
             except Exception as exc:
                 self._note_error(exc, unexpected=True)
             self._connected.clear()
             _raise_if_cancel_was_swallowed()
+            if rotating or expired:
+                # Not a connection loss: straight to the renewed pair (or to the expiry wait).
+                continue
+            if self._up_since is None and self.renewer.connect_failed():
+                continue  # the renewed pair was not accepted: the previous one, at once
             if self._up_since is not None:
                 self.stats.connection_losses += 1
                 stable = loop.time() - self._up_since >= self.settings.reconnect_max_s
@@ -174,6 +216,47 @@ class Agent:
             )
             self.log.info("reconnecting to %s:%s in %.1fs", self.broker_host, self.broker_port, delay)
             await asyncio.sleep(delay)
+
+    async def _context(self, credential: Credential) -> ssl.SSLContext | None:
+        """The TLS context for `credential` (cached per certificate); None if a staged pair
+        turned out unusable (it is dropped and the current pair is used)."""
+        context = self._tls.get(credential.fingerprint)
+        if context is not None:
+            return context
+        try:
+            context = await self.state.io(broker_client_context, self.state, pending=credential.pending)
+        except StateError as exc:
+            if not credential.pending:
+                raise
+            self.log.warning("the staged renewed certificate cannot be loaded (%s); dropping it", exc)
+            await self.state.io(self.state.discard_pending_credentials)
+            return None
+        # Keep the contexts of the pairs in play only (current and staged).
+        self._tls = {fp: ctx for fp, ctx in self._tls.items() if fp in self.renewer.in_play}
+        self._tls[credential.fingerprint] = context
+        return context
+
+    async def _await_reenrollment(self) -> None:
+        """No valid certificate: don't connect; look for re-enrolled credentials now and then."""
+        if not self._needs_reenrollment:
+            self._needs_reenrollment = True
+            self._connected.clear()
+            self.log.error("%s", self.renewer.expired_message(self.renewer.expired_at))
+            await self.renewer.expired()
+        await asyncio.sleep(self.settings.expired_recheck_s)
+
+    async def _resume_after_reenrollment(self) -> None:
+        enrollment = await self.state.io(self.state.require_enrollment)
+        if enrollment.device_id != self.device_id:
+            raise StateError(
+                f"the agent state now holds device {enrollment.device_id}, not {self.device_id}: "
+                "restart the agent"
+            )
+        self.broker_host = self.settings.broker_host or enrollment.broker_host
+        self.broker_port = self.settings.broker_port or enrollment.broker_port
+        self.reconciler = self._reconciler()  # the signing keys of the re-enrollment
+        self._needs_reenrollment = False
+        self.log.info("valid credentials found (re-enrolled): connecting again")
 
     def _note_error(self, exc: BaseException, *, unexpected: bool) -> None:
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -209,16 +292,37 @@ class Agent:
             self._connected.set()
             self.log.info("connected to %s:%s", self.broker_host, self.broker_port)
             try:
+                await self.renewer.connected()
                 await self._publish_status(client, ConnectionState.ONLINE)
                 async with self._acked("SUBACK"):
-                    await client.subscribe(
-                        self.topics[TopicKind.DESIRED], qos=QOS_AT_LEAST_ONCE, timeout=math.inf
+                    granted = await client.subscribe(
+                        [
+                            (self.topics[TopicKind.DESIRED], QOS_AT_LEAST_ONCE),
+                            (self.topics[TopicKind.RENEW_RESULT], QOS_AT_LEAST_ONCE),
+                        ],
+                        timeout=math.inf,
+                    )
+                can_renew = len(granted) < 2 or not _refused(granted[1])
+                if not can_renew:
+                    self.log.warning(
+                        "the broker refused the renewal topic: certificate renewal is unavailable "
+                        "(regenerate the broker ACL with `storefleet broker-config`)"
                     )
                 _raise_if_cancel_was_swallowed()
+                busy = asyncio.Lock()  # held while a desired state is applied and reported
                 await _until_one_fails(
-                    asyncio.create_task(self._desired_loop(client), name=f"desired:{self.device_id}"),
+                    asyncio.create_task(self._desired_loop(client, busy), name=f"desired:{self.device_id}"),
                     asyncio.create_task(self._health_loop(client), name=f"health:{self.device_id}"),
+                    asyncio.create_task(
+                        self._renewal_loop(client, busy, can_renew=can_renew),
+                        name=f"renewal:{self.device_id}",
+                    ),
                 )
+            except CertificateExpired:
+                # Going away for good (until re-enrolled): say so, unlike a renewal reconnect.
+                self._connected.clear()
+                await self._say_goodbye(client)
+                raise
             except asyncio.CancelledError:
                 self._connected.clear()
                 await self._say_goodbye(client)
@@ -261,9 +365,23 @@ class Agent:
         else:
             self.log.info("disconnecting")
 
-    async def _desired_loop(self, client: aiomqtt.Client) -> None:
+    async def _renewal_loop(self, client: aiomqtt.Client, busy: asyncio.Lock, *, can_renew: bool) -> None:
+        async def send(payload: bytes) -> None:
+            await self._publish(client, TopicKind.RENEW, payload, qos=QOS_AT_LEAST_ONCE)
+
+        await self.renewer.run(send, can_renew=can_renew)
+        # Renewed credentials are staged. Let an apply in progress finish and report, then end
+        # this session (clean DISCONNECT: no offline status, no will) to reconnect with them.
+        await busy.acquire()
+        raise CredentialsStaged
+
+    async def _desired_loop(self, client: aiomqtt.Client, busy: asyncio.Lock) -> None:
         desired_topic = self.topics[TopicKind.DESIRED]
+        renewal_topic = self.topics[TopicKind.RENEW_RESULT]
         async for message in client.messages:
+            if message.topic.matches(renewal_topic):
+                self.renewer.deliver(_payload_bytes(message.payload))
+                continue
             if not message.topic.matches(desired_topic):
                 continue
             if not message.payload:
@@ -271,8 +389,9 @@ class Agent:
                 self.log.debug("ignoring empty desired message")
                 continue
             self.stats.desired_received += 1
-            report = await self.reconciler.handle(bytes(message.payload))
-            await self._publish(client, TopicKind.REPORTED, report.to_json(), qos=QOS_AT_LEAST_ONCE)
+            async with busy:
+                report = await self.reconciler.handle(bytes(message.payload))
+                await self._publish(client, TopicKind.REPORTED, report.to_json(), qos=QOS_AT_LEAST_ONCE)
             self.stats.reports_published += 1
 
     async def _health_loop(self, client: aiomqtt.Client) -> None:
@@ -329,6 +448,22 @@ async def _until_one_fails(*tasks: asyncio.Task[None]) -> None:
     errors = [error for task in tasks if not task.cancelled() and (error := task.exception()) is not None]
     if errors:
         raise errors[0]
+
+
+def _refused(granted: object) -> bool:
+    """A SUBACK return code that refuses the subscription (0x80; paho gives a ReasonCode)."""
+    failure = getattr(granted, "is_failure", None)
+    if isinstance(failure, bool):
+        return failure
+    return isinstance(granted, int) and granted >= 0x80
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return b""
 
 
 def _raise_if_cancel_was_swallowed() -> None:

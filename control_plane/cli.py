@@ -3,6 +3,7 @@
     storefleet serve [--data-dir DIR] [--host H] [--port P] [--mqtt-port M]
                      [--database-url URL] [--broker-url mqtts://…]
     storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P]
+    storefleet ca init [--data-dir DIR] [--trust-domain T]
     storefleet demo
 
 Flags override `STOREFLEET_*` environment variables (see docs/configuration.md). `demo`
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +69,11 @@ async def _serve(settings: ControlPlaneSettings) -> None:
 
 def _broker_config(args: argparse.Namespace) -> None:
     from control_plane.broker.mosquitto import write_mosquitto_config
-    from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.factory import load_builtin_ca
     from control_plane.pki.files import write_public
 
     settings = _settings(args, ("data_dir", "trust_domain"))
-    ca = BuiltinCA.load_or_create(settings.pki_dir, trust_domain=settings.trust_domain)
+    ca = load_builtin_ca(settings)
     crl_file = settings.pki_dir / "crl.pem"
     if not crl_file.exists():  # `serve` keeps it current from then on
         write_public(crl_file, ca.crl_pem([]).encode())
@@ -85,10 +87,45 @@ def _broker_config(args: argparse.Namespace) -> None:
         client_id_from_certificate=args.client_id_from_certificate,
         crl_file=crl_file,
     )
+    if settings.ca_backend != "builtin":
+        # Devices' certificates come from Vault: Mosquitto must trust its chain too.
+        from control_plane.pki.factory import open_pki
+
+        write_public(conf.parent / "ca.pem", open_pki(settings).trust_bundle_pem.encode())
     print(
         f"wrote {conf}\nstart it with: mosquitto -c {conf}\n"
         f"then: storefleet serve --data-dir {settings.data_dir} --broker-url mqtts://127.0.0.1:{args.port}"
     )
+
+
+def _ca_init(args: argparse.Namespace) -> None:
+    from control_plane.pki.ca import INTERMEDIATE_CERT, ROOT_CERT, ROOT_KEY, BuiltinCA
+    from control_plane.pki.factory import ca_passphrase
+    from control_plane.runtime import ca_fingerprint
+
+    settings = _settings(args, ("data_dir", "trust_domain"))
+    pki = settings.pki_dir
+    passphrase = ca_passphrase(settings)
+    outcome = BuiltinCA.initialize(pki, trust_domain=settings.trust_domain, passphrase=passphrase)
+    ca = BuiltinCA.load(pki, trust_domain=settings.trust_domain, passphrase=passphrase)
+    print(
+        f"built-in CA {outcome.value} in {pki.resolve()}\n"
+        f"  root          {ROOT_CERT:<17} {ca_fingerprint(ca)}  (agents pin this: --ca-fingerprint)\n"
+        f"  intermediate  {INTERMEDIATE_CERT:<17} signs every certificate"
+        f"{' (key passphrase-protected)' if passphrase else ''}"
+    )
+    if (pki / ROOT_KEY).exists():
+        print(f"The root key {pki / ROOT_KEY} is only needed to sign a new intermediate: move it offline.")
+
+
+@contextlib.contextmanager
+def _ca_setup_errors() -> Iterator[None]:
+    from control_plane.pki.ca import CAConfigurationError
+
+    try:
+        yield
+    except CAConfigurationError as exc:
+        raise SystemExit(f"storefleet: {exc.message}") from None
 
 
 SERVE_FLAGS = (
@@ -140,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         "identity, which is what the control plane uses)",
     )
 
+    ca = sub.add_parser("ca", help="the built-in certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_init = ca_sub.add_parser(
+        "init", help="create the root and intermediate CA (serve does it on first start); idempotent"
+    )
+    ca_init.add_argument("--data-dir", type=Path)
+    ca_init.add_argument("--trust-domain")
+
     sub.add_parser("demo", help="run the product end to end with 20 in-process agents, then exit")
     return parser
 
@@ -149,11 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         settings = _settings(args, SERVE_FLAGS)
         configure_logging(level=args.log_level, fmt=settings.log_format)
-        with contextlib.suppress(KeyboardInterrupt):
+        with _ca_setup_errors(), contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings))
     elif args.command == "broker-config":
         configure_logging(level=args.log_level)
-        _broker_config(args)
+        with _ca_setup_errors():
+            _broker_config(args)
+    elif args.command == "ca":
+        configure_logging(level=args.log_level)
+        with _ca_setup_errors():
+            _ca_init(args)
     elif args.command == "demo":
         from simulators.demo import run_demo
 

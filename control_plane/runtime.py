@@ -36,7 +36,7 @@ from control_plane.enrollment.service import EnrollmentService
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
-from control_plane.pki.gateway import CAGateway
+from control_plane.pki.factory import open_pki
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.settings import ControlPlaneSettings
@@ -69,7 +69,7 @@ class Services:
 
 
 def ca_fingerprint(ca: BuiltinCA) -> str:
-    der = ca.certificate.public_bytes(serialization.Encoding.DER)
+    der = ca.root_certificate.public_bytes(serialization.Encoding.DER)  # agents pin the root
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
@@ -121,14 +121,15 @@ class ControlPlane:
         engine = create_engine(s.resolved_database_url)
         await migrate(engine)
 
-        ca = BuiltinCA.load_or_create(s.pki_dir, trust_domain=s.trust_domain)
+        pki = await asyncio.to_thread(open_pki, s)  # key generation, Vault: off the loop
+        ca = pki.local
         keyring = SigningKeyring.load_or_create(s.pki_dir / "signing")
         hostnames = list(dict.fromkeys([s.advertised_host, "localhost", "127.0.0.1"]))
         key_pem, issued = ca.issue_server_identity(hostnames)
         self._server_key, self._server_cert = write_identity(s.pki_dir, "server", key_pem, issued)
         key_pem, issued = ca.issue_service_identity(CONTROL_PLANE_SERVICE, SERVICE_CERT_VALIDITY)
         client_key, client_cert = write_identity(s.pki_dir, "control-plane", key_pem, issued)
-        self._ca_file = s.pki_dir / "ca.pem"
+        self._ca_file = pki.trust_bundle_file  # built-in root + intermediate (+ Vault chain)
 
         audit = AuditLog(engine)
         api_keys = ApiKeys(engine)
@@ -158,7 +159,7 @@ class ControlPlane:
         )
         publisher = DesiredStatePublisher(engine, keyring, link)
         publisher_ref.append(publisher)
-        gateway = CAGateway(ca)
+        gateway = pki.gateway
         renewals = RenewalService(
             engine=engine,
             ca=gateway,
@@ -198,7 +199,7 @@ class ControlPlane:
             ingest=ingest,
             link=link,
             renewals=renewals,
-            ca_chain_pem=ca.ca_chain_pem(),
+            ca_chain_pem=pki.trust_bundle_pem,
             registry=registry,
             lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
             enroll_limiter=RateLimiter(
@@ -248,6 +249,7 @@ class ControlPlane:
                 background = [
                     group.create_task(services.audit.run(), name="audit"),
                     group.create_task(services.ingest.run(), name="ingest"),
+                    group.create_task(services.publisher.run(), name="desired-publisher"),
                     group.create_task(services.link.run(), name="broker-link"),
                     group.create_task(services.renewals.run(), name="renewals"),
                 ]
@@ -275,6 +277,7 @@ class ControlPlane:
             lifespan="off",
             # Idle keep-alive TLS connections would otherwise hold shutdown for the 30 s TLS close timeout.
             timeout_graceful_shutdown=2,
+            http="httptools",
         )
         self._http = _ApiServer(config)
         serving = asyncio.create_task(self._http.serve(), name="https")

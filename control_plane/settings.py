@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.messages import MAX_MESSAGE_BYTES
@@ -51,6 +52,22 @@ class ControlPlaneSettings(BaseSettings):
     renewal_workers: int = Field(default=2, ge=1)
     log_format: str = Field(default="text", pattern="^(text|json)$")
 
+    # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
+    # server and control-plane certificates; `ca_backend` chooses who signs device certificates.
+    ca_backend: Literal["builtin", "vault"] = "builtin"
+    ca_key_passphrase: SecretStr | None = None  # encrypts the built-in CA's key files
+    ca_timeout_s: float = Field(default=5.0, gt=0)  # one CA call, end to end
+    ca_breaker_failures: int = Field(default=3, ge=1)  # consecutive failures that open the circuit
+    ca_breaker_reset_s: float = Field(default=30.0, gt=0)  # open → one trial call after this
+    vault_url: str | None = None
+    vault_token: SecretStr | None = None
+    vault_role_id: str | None = None
+    vault_secret_id: SecretStr | None = None
+    vault_approle_mount: str = "approle"
+    vault_mount: str = "pki"
+    vault_role: str = "storefleet-device"
+    vault_ca_file: Path | None = None  # CA bundle that verifies Vault's TLS certificate
+
     @field_validator("broker_url")
     @classmethod
     def _mqtts_only(cls, value: str | None) -> str | None:
@@ -64,6 +81,26 @@ class ControlPlaneSettings(BaseSettings):
         if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("database_url must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
         return value
+
+    @model_validator(mode="after")
+    def _safe_vault(self) -> Self:
+        if self.ca_backend != "vault":
+            return self
+        if not self.vault_url:
+            raise ValueError("ca_backend 'vault' needs vault_url")
+        url = urlsplit(self.vault_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError("vault_url must be https://host[:port]")
+        if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("vault_url must use https:// (plain http only to a Vault on this host)")
+        if self.vault_ca_file is not None and url.scheme != "https":
+            raise ValueError("vault_ca_file is set but vault_url is not https://")
+        approle = self.vault_role_id is not None or self.vault_secret_id is not None
+        if approle and (not self.vault_role_id or self.vault_secret_id is None):
+            raise ValueError("AppRole auth needs both vault_role_id and vault_secret_id")
+        if approle == (self.vault_token is not None):
+            raise ValueError("ca_backend 'vault' needs vault_token or vault_role_id + vault_secret_id (one)")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -232,18 +232,20 @@ class RenewalService:
                     raise RenewalRefused(
                         f"certificate {device.cert_serial} is revoked", code="certificate_revoked"
                     )
-            last_issued = await conn.scalar(
-                sa.select(sa.func.max(certificates.c.created_at)).where(certificates.c.device_id == device_id)
+            last_renewed = await conn.scalar(
+                sa.select(sa.func.max(certificates.c.created_at)).where(
+                    certificates.c.device_id == device_id, certificates.c.issued_by == ISSUED_BY
+                )
             )
         try:
             load_csr(request.csr_pem)
         except CSRRejected as exc:
             raise RenewalRefused(exc.message, code=exc.code) from exc
         now = self._clock()
-        if last_issued is not None and now - last_issued < self._min_interval:
-            wait = (last_issued + self._min_interval - now).total_seconds()
+        if last_renewed is not None and now - last_renewed < self._min_interval:
+            wait = (last_renewed + self._min_interval - now).total_seconds()
             raise RenewalRefused(
-                f"a certificate was issued {(now - last_issued).total_seconds():.0f}s ago",
+                f"the last renewal was {(now - last_renewed).total_seconds():.0f}s ago",
                 code="rate_limited",
                 retry_after_s=round(max(wait, 0.0), 3),
                 transient=True,

@@ -8,13 +8,24 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # SQLite has one writer at a time; colliding writers wait in its busy handler, which
+        # sleep-polls (up to 100 ms a turn) and made enrollment bursts crawl. One pooled
+        # connection queues every transaction fairly on the event loop instead.
+        engine = create_async_engine(
+            url,
+            connect_args={"timeout": 30},
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

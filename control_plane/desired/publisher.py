@@ -1,9 +1,13 @@
 """Issue, sign, persist and publish desired-state versions.
 
-A device's version is monotonic and moves only when its effective content changes. The
-document is committed to the database before it is published (retained, QoS 1), so the
-broker can always be refilled from the database: `republish_all` runs on every (re)connect
-to the broker.
+A device's version is monotonic and moves only when its effective content changes. Issuing
+is a database transaction (one writer at a time in this process); publishing happens after
+the commit, in `run()`, so no caller waits for the broker and the broker can always be
+refilled from the database: `republish_all` runs on every (re)connect.
+
+Enrollment uses `request_refresh`: the device ids of concurrent enrollments are coalesced
+into one transaction, so a burst of enrollments costs one issue-and-publish round, not one
+per device.
 """
 
 from __future__ import annotations
@@ -44,82 +48,109 @@ class DesiredStatePublisher:
         self._keyring = keyring
         self._link = link
         self._clock = clock
-        # Versions are read-modify-written; one writer at a time within this process.
+        # Versions are read-modify-written; one issuer at a time within this process.
         self._lock = asyncio.Lock()
+        self._outbox: list[dict[str, Any]] = []
+        self._requested: set[str] = set()
+        self._wakeup = asyncio.Event()
         self.published = 0
 
     async def refresh_store(self, store_id: str) -> int:
+        """Issue new versions to the store's devices whose content changed; published shortly after."""
         return await self._refresh(devices.c.store_id == store_id)
 
     async def refresh_devices(self, device_ids: Iterable[str]) -> int:
         return await self._refresh(devices.c.id.in_(list(device_ids)))
 
+    def request_refresh(self, device_ids: Iterable[str]) -> None:
+        """Ask for a refresh without waiting: `run()` coalesces requests into one transaction."""
+        self._requested.update(device_ids)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Issue what was requested and publish what was issued, until cancelled."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._requested:
+                requested, self._requested = self._requested, set()
+                try:
+                    await self.refresh_devices(requested)
+                except Exception:
+                    logger.exception(
+                        "refresh of %d devices failed; retrying on the next request", len(requested)
+                    )
+                    self._requested |= requested
+            if self._outbox:
+                documents, self._outbox = self._outbox, []
+                await self._publish(documents)
+
     async def _refresh(self, which: sa.ColumnElement[bool]) -> int:
-        """Issue a new version to every selected device whose effective content changed."""
-        async with self._lock:
-            async with self._engine.begin() as conn:
-                rows = (
-                    await conn.execute(
-                        sa.select(
-                            devices.c.id,
-                            devices.c.store_id,
-                            devices.c.desired_version,
-                            devices.c.desired_hash,
-                            stores.c.config,
-                        )
-                        .join(stores, stores.c.id == devices.c.store_id)
-                        .where(which, devices.c.state == "active")
-                    )
-                ).all()
-                issued: list[dict[str, Any]] = []
-                now = self._clock()
-                for row in rows:
-                    state = effective_state(row.config)
-                    digest = content_hash(state)
-                    if digest == row.desired_hash:
-                        continue
-                    document = sign_document(
-                        {
-                            "schema": SCHEMA_VERSION,
-                            "device_id": row.id,
-                            "store_id": row.store_id,
-                            "version": row.desired_version + 1,
-                            "issued_at": now.isoformat().replace("+00:00", "Z"),
-                            "config": state["config"],
-                            "policies": state["policies"],
-                        },
-                        self._keyring.active,
-                    )
-                    issued.append({"id": row.id, "hash": digest, "document": document})
-                if not issued:
-                    return 0
+        async with self._lock, self._engine.begin() as conn:
+            rows = (
                 await conn.execute(
-                    sa.update(devices)
-                    .where(devices.c.id == sa.bindparam("b_id"))
-                    .values(desired_version=sa.bindparam("b_version"), desired_hash=sa.bindparam("b_hash")),
-                    [
-                        {"b_id": d["id"], "b_version": d["document"]["version"], "b_hash": d["hash"]}
-                        for d in issued
-                    ],
+                    sa.select(
+                        devices.c.id,
+                        devices.c.store_id,
+                        devices.c.desired_version,
+                        devices.c.desired_hash,
+                        stores.c.config,
+                    )
+                    .join(stores, stores.c.id == devices.c.store_id)
+                    .where(which, devices.c.state == "active")
                 )
-                await conn.execute(
-                    desired_states.insert(),
-                    [
-                        {
-                            "device_id": d["id"],
-                            "version": d["document"]["version"],
-                            "document": d["document"],
-                            "created_at": now,
-                        }
-                        for d in issued
-                    ],
+            ).all()
+            issued: list[dict[str, Any]] = []
+            now = self._clock()
+            for row in rows:
+                state = effective_state(row.config)
+                digest = content_hash(state)
+                if digest == row.desired_hash:
+                    continue
+                document = sign_document(
+                    {
+                        "schema": SCHEMA_VERSION,
+                        "device_id": row.id,
+                        "store_id": row.store_id,
+                        "version": row.desired_version + 1,
+                        "issued_at": now.isoformat().replace("+00:00", "Z"),
+                        "config": state["config"],
+                        "policies": state["policies"],
+                    },
+                    self._keyring.active,
                 )
-            await self._publish([d["document"] for d in issued])
-            logger.info("issued %d desired-state versions", len(issued))
-            return len(issued)
+                issued.append({"id": row.id, "hash": digest, "document": document})
+            if not issued:
+                return 0
+            await conn.execute(
+                sa.update(devices)
+                .where(devices.c.id == sa.bindparam("b_id"))
+                .values(desired_version=sa.bindparam("b_version"), desired_hash=sa.bindparam("b_hash")),
+                [
+                    {"b_id": d["id"], "b_version": d["document"]["version"], "b_hash": d["hash"]}
+                    for d in issued
+                ],
+            )
+            await conn.execute(
+                desired_states.insert(),
+                [
+                    {
+                        "device_id": d["id"],
+                        "version": d["document"]["version"],
+                        "document": d["document"],
+                        "created_at": now,
+                    }
+                    for d in issued
+                ],
+            )
+        # Committed: from here on the broker can always be refilled from the database.
+        self._outbox.extend(d["document"] for d in issued)
+        self._wakeup.set()
+        logger.info("issued %d desired-state versions", len(issued))
+        return len(issued)
 
     async def republish_all(self) -> int:
-        """Publish every device's newest document again (retained); idempotent for agents."""
+        """Publish every active device's newest document again (retained); idempotent for agents."""
         latest = sa.select(desired_states.c.document).join(
             devices,
             sa.and_(

@@ -197,38 +197,37 @@ class EnrollmentService:
             await self._refuse(exc.code, source=source, detail={"message": exc.message})
             raise
         digest = hash_secret(request.token)
+        # Read first, sign, then consume: the certificate is signed outside any transaction, so
+        # the database's writer lock is held only for four short statements. A token that is
+        # not usable is refused before anything is signed; one that a concurrent request used up
+        # meanwhile is refused by the conditional UPDATE (the signed certificate is discarded).
+        token = await self._usable_token(digest)
+        if token is None:
+            reason = await self._why_refused(digest)
+            await self._refuse(reason, source=source)
+            raise EnrollmentRefused(_REFUSAL_MESSAGES[reason], code=reason)
+        device_id = token.device_id or "dev-" + secrets.token_hex(8)
+        issued = await self._ca.sign_device_csr(
+            request.csr_pem, device_id=device_id, store_id=token.store_id, validity=self._cert_validity
+        )
         now = self._clock()
         superseded: list[str] = []
         async with self._engine.begin() as conn:
-            token = (
-                await conn.execute(
-                    sa.update(enrollment_tokens)
-                    .where(
-                        enrollment_tokens.c.token_hash == digest,
-                        enrollment_tokens.c.revoked_at.is_(None),
-                        enrollment_tokens.c.expires_at > now,
-                        enrollment_tokens.c.uses < enrollment_tokens.c.max_uses,
-                    )
-                    .values(uses=enrollment_tokens.c.uses + 1)
-                    .returning(
-                        enrollment_tokens.c.id,
-                        enrollment_tokens.c.store_id,
-                        enrollment_tokens.c.role,
-                        enrollment_tokens.c.device_id,
-                    )
+            consumed = await conn.execute(
+                sa.update(enrollment_tokens)
+                .where(
+                    enrollment_tokens.c.id == token.id,
+                    enrollment_tokens.c.revoked_at.is_(None),
+                    enrollment_tokens.c.expires_at > now,
+                    enrollment_tokens.c.uses < enrollment_tokens.c.max_uses,
                 )
-            ).first()
-            if token is not None:
+                .values(uses=enrollment_tokens.c.uses + 1)
+            )
+            if consumed.rowcount == 1:
                 if token.device_id is None:
-                    device_id = "dev-" + secrets.token_hex(8)
-                    issued = await self._sign(request, device_id, token.store_id)
                     await self._insert_device(conn, request, device_id, token, issued)
-                    action = "device.enroll"
                 else:
-                    device_id = token.device_id
-                    issued = await self._sign(request, device_id, token.store_id)
                     superseded = await self._reissue(conn, request, device_id, issued)
-                    action = "device.reenroll"
                 await conn.execute(
                     certificates.insert().values(
                         serial=issued.serial,
@@ -242,7 +241,7 @@ class EnrollmentService:
                 )
                 await self._audit.record(
                     AuditEvent(
-                        action=action,
+                        action="device.enroll" if token.device_id is None else "device.reenroll",
                         outcome=Outcome.SUCCESS,
                         actor=f"token:{token.id}",
                         target=device_id,
@@ -256,13 +255,13 @@ class EnrollmentService:
                     ),
                     connection=conn,
                 )
-        if token is None:
+        if consumed.rowcount != 1:
             reason = await self._why_refused(digest)
             await self._refuse(reason, source=source)
             raise EnrollmentRefused(_REFUSAL_MESSAGES[reason], code=reason)
         if superseded:
             await self._registry.publish(superseded)
-        await self._publisher.refresh_devices([device_id])
+        self._publisher.request_refresh([device_id])
         return EnrollmentResponse(
             device_id=device_id,
             store_id=token.store_id,
@@ -273,10 +272,23 @@ class EnrollmentService:
             health_interval_s=self._health_interval_s,
         )
 
-    async def _sign(self, request: EnrollmentRequest, device_id: str, store_id: str) -> IssuedCertificate:
-        return await self._ca.sign_device_csr(
-            request.csr_pem, device_id=device_id, store_id=store_id, validity=self._cert_validity
-        )
+    async def _usable_token(self, digest: str) -> Any:
+        async with self._engine.connect() as conn:
+            return (
+                await conn.execute(
+                    sa.select(
+                        enrollment_tokens.c.id,
+                        enrollment_tokens.c.store_id,
+                        enrollment_tokens.c.role,
+                        enrollment_tokens.c.device_id,
+                    ).where(
+                        enrollment_tokens.c.token_hash == digest,
+                        enrollment_tokens.c.revoked_at.is_(None),
+                        enrollment_tokens.c.expires_at > self._clock(),
+                        enrollment_tokens.c.uses < enrollment_tokens.c.max_uses,
+                    )
+                )
+            ).first()
 
     async def _insert_device(
         self,

@@ -50,7 +50,7 @@ CRL_VALIDITY = timedelta(days=7)
 
 ROOT_CERT, ROOT_KEY = "ca.pem", "ca.key"
 INTERMEDIATE_CERT, INTERMEDIATE_KEY = "intermediate.pem", "intermediate.key"
-PASSPHRASE_VARIABLE = "STOREFLEET_CA_KEY_PASSPHRASE"
+PASSPHRASE_VARIABLE = "STOREFLEET_CA_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 
 
 class CAConfigurationError(StorefleetError):
@@ -161,6 +161,7 @@ class BuiltinCA:
         """Create the root and intermediate (or only the intermediate under an existing root)."""
         if (directory / INTERMEDIATE_CERT).exists():
             return InitOutcome.EXISTING
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         root_cert_path, root_key_path = directory / ROOT_CERT, directory / ROOT_KEY
         if root_cert_path.exists():
             if not root_key_path.exists():
@@ -228,7 +229,9 @@ class BuiltinCA:
         return cls(key, root_cert, trust_domain)
 
     @classmethod
-    def load_or_create(cls, directory: Path, *, trust_domain: str, passphrase: str | None = None) -> BuiltinCA:
+    def load_or_create(
+        cls, directory: Path, *, trust_domain: str, passphrase: str | None = None
+    ) -> BuiltinCA:
         if not (directory / ROOT_CERT).exists():
             cls.initialize(directory, trust_domain=trust_domain, passphrase=passphrase)
         return cls.load(directory, trust_domain=trust_domain, passphrase=passphrase)

@@ -65,6 +65,7 @@ class _Lease:
     obtained_at: float
     ttl_s: float  # 0: the token does not expire
     renewable: bool
+    accessor: str  # names the token without being it: safe to log
 
     def due_for_renewal(self, now: float) -> bool:
         return self.ttl_s > 0 and now >= self.obtained_at + self.ttl_s * RENEW_AT
@@ -103,6 +104,12 @@ class VaultPKI:
         self._lease: _Lease | None = None
         self._lock = threading.Lock()
         self._chain: str | None = ca_chain_pem
+
+    @property
+    def token_accessor(self) -> str | None:
+        """The current token's accessor (None before the first call)."""
+        lease = self._lease
+        return lease.accessor if lease is not None else None
 
     @property
     def auth_method(self) -> str:
@@ -197,12 +204,20 @@ class VaultPKI:
                 mount_point=self._approle.mount,
             )
             auth = response["auth"]
-            self._lease = _Lease(self._clock(), float(auth["lease_duration"]), bool(auth["renewable"]))
-            logger.info("logged in to Vault with AppRole (token TTL %ss)", auth["lease_duration"])
+            self._lease = _Lease(
+                self._clock(), float(auth["lease_duration"]), bool(auth["renewable"]), str(auth["accessor"])
+            )
+            logger.info(
+                "logged in to Vault with AppRole (token accessor %s, TTL %ss)",
+                auth["accessor"],
+                auth["lease_duration"],
+            )
         else:
             self._client.token = self._token
             data = self._client.auth.token.lookup_self()["data"]
-            self._lease = _Lease(self._clock(), float(data.get("ttl") or 0), bool(data.get("renewable")))
+            self._lease = _Lease(
+                self._clock(), float(data.get("ttl") or 0), bool(data.get("renewable")), str(data["accessor"])
+            )
             if self._lease.ttl_s and not self._lease.renewable:
                 logger.warning(
                     "the Vault token expires in %ss and cannot be renewed: use AppRole", data.get("ttl")
@@ -225,12 +240,14 @@ class VaultPKI:
             auth = self._client.auth.token.renew_self()["auth"]
         except hvac.exceptions.VaultError as exc:
             if self._approle is None:
-                logger.error("Vault: cannot renew the token: %s", exc)
+                logger.error("Vault: cannot renew the token: %s", _vault_message(exc))  # noqa: TRY400
                 return
             self._relogin(f"renewal refused: {exc}")
             return
         # Near its max TTL Vault renews for less: `expiring` then turns into a fresh login.
-        self._lease = _Lease(self._clock(), float(auth["lease_duration"]), bool(auth["renewable"]))
+        self._lease = _Lease(
+            self._clock(), float(auth["lease_duration"]), bool(auth["renewable"]), str(auth["accessor"])
+        )
         logger.debug("Vault token renewed (TTL %ss)", auth["lease_duration"])
 
     def _authenticated(self, what: str, call: Callable[[], T], *, refusal: bool = False) -> T:
@@ -243,7 +260,9 @@ class VaultPKI:
                     with self._lock:
                         self._lease = None  # the token was lost or revoked: a fresh login, one retry
                     continue
-                logger.error("Vault refused to %s (credentials or policy): %s", what, _vault_message(exc))
+                logger.error(  # noqa: TRY400 - the message is enough, no traceback
+                    "Vault refused to %s (credentials or policy): %s", what, _vault_message(exc)
+                )
                 raise CAUnavailable(f"Vault refused to {what}: check the credentials and policy") from exc
             except Exception as exc:
                 translated = _translate(exc, what, refusal=refusal)
@@ -260,7 +279,9 @@ class VaultPKI:
         except _UNAVAILABLE as exc:
             raise CAUnavailable(f"Vault unavailable (log in): {type(exc).__name__}") from exc
         except hvac.exceptions.VaultError as exc:
-            logger.error("Vault login failed (%s auth): %s", self.auth_method, _vault_message(exc))
+            logger.error(  # noqa: TRY400 - the message is enough, no traceback
+                "Vault login failed (%s auth): %s", self.auth_method, _vault_message(exc)
+            )
             raise CAUnavailable(f"Vault login failed ({self.auth_method} auth)") from exc
         except requests.exceptions.RequestException as exc:
             raise CAUnavailable(f"Vault unreachable (log in): {type(exc).__name__}") from exc

@@ -1,0 +1,138 @@
+"""Enrollment throughput: token check + CSR verify + sign + database, end to end over HTTPS.
+
+    python -m benchmarks.enroll --enrollments 2000 --concurrency 64 [--postgres] [--json out.json]
+
+The control plane runs in its own process on embedded defaults (SQLite, built-in CA); this
+process is the load generator (CSRs made beforehand, so only the server's work is timed).
+Per-source rate limiting is raised for the run: all requests come from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from benchmarks.common import ServerProcess, control_plane_process, fresh_postgres_database, percentile
+
+
+def make_csrs(count: int) -> list[str]:
+    csrs = []
+    for _ in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
+            .sign(key, hashes.SHA256())
+        )
+        csrs.append(csr.public_bytes(serialization.Encoding.PEM).decode())
+    return csrs
+
+
+async def fire(
+    server: ServerProcess, token: str, csrs: list[str], concurrency: int
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    failures = 0
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for csr in csrs:
+        queue.put_nowait(csr)
+    tls = ssl.create_default_context(cafile=str(server.ca_file))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=server.url, verify=tls, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal failures
+            while not queue.empty():
+                csr = queue.get_nowait()
+                started = time.perf_counter()
+                response = await client.post(
+                    "/v1/enroll",
+                    json={"schema": 1, "token": token, "csr_pem": csr, "device": {"role": "pos"}},
+                )
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    failures += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, failures, time.perf_counter() - started
+
+
+def run(enrollments: int, concurrency: int, warmup: int, database_url: str | None = None) -> dict[str, Any]:
+    csrs = make_csrs(enrollments + warmup)
+    extra = ("--database-url", database_url) if database_url else ()
+    with control_plane_process(
+        *extra,
+        env={
+            "STOREFLEET_ENROLL_RATE_PER_SOURCE_S": "1000000",
+            "STOREFLEET_ENROLL_BURST_PER_SOURCE": "1000000",
+        },
+    ) as server:
+        with server.client() as api:
+            api.post("/v1/stores", json={"id": "BENCH-0001", "name": "bench"}).raise_for_status()
+            token = (
+                api.post("/v1/stores/BENCH-0001/enrollment-tokens", json={"max_uses": enrollments + warmup})
+                .raise_for_status()
+                .json()["token"]
+            )
+        asyncio.run(fire(server, token, csrs[:warmup], min(concurrency, warmup)))
+        cpu_before = server.cpu_seconds()
+        latencies, failures, elapsed = asyncio.run(fire(server, token, csrs[warmup:], concurrency))
+        cpu_used = server.cpu_seconds() - cpu_before
+        rss = server.rss_mb()
+    return {
+        "benchmark": "enroll",
+        "backend": f"{'PostgreSQL' if database_url else 'SQLite'}, built-in CA, embedded broker",
+        "enrollments": enrollments,
+        "concurrency": concurrency,
+        "failures": failures,
+        "seconds": round(elapsed, 3),
+        "per_second": round(enrollments / elapsed, 1),
+        "latency_ms": {
+            "p50": round(1000 * percentile(latencies, 0.50), 1),
+            "p95": round(1000 * percentile(latencies, 0.95), 1),
+            "p99": round(1000 * percentile(latencies, 0.99), 1),
+            "max": round(1000 * max(latencies), 1),
+        },
+        "server_cpu_seconds": round(cpu_used, 2),
+        "server_cpu_ms_per_enrollment": round(1000 * cpu_used / enrollments, 2),
+        "server_rss_mb": round(rss, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--enrollments", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--postgres", action="store_true", help="use a fresh database on the local PostgreSQL"
+    )
+    args = parser.parse_args()
+    if args.postgres:
+        with fresh_postgres_database() as url:
+            report = run(args.enrollments, args.concurrency, args.warmup, url)
+    else:
+        report = run(args.enrollments, args.concurrency, args.warmup)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
