@@ -86,6 +86,7 @@ def _broker_config(args: argparse.Namespace) -> None:
         run_as_user=args.user,
         client_id_from_certificate=args.client_id_from_certificate,
         crl_file=crl_file,
+        log_file=args.out / "mosquitto.log",
     )
     if settings.ca_backend != "builtin":
         # Devices' certificates come from Vault: Mosquitto must trust its chain too.
@@ -94,7 +95,8 @@ def _broker_config(args: argparse.Namespace) -> None:
         write_public(conf.parent / "ca.pem", open_pki(settings).trust_bundle_pem.encode())
     print(
         f"wrote {conf}\nstart it with: mosquitto -c {conf}\n"
-        f"then: storefleet serve --data-dir {settings.data_dir} --broker-url mqtts://127.0.0.1:{args.port}"
+        f"then: storefleet serve --data-dir {settings.data_dir} --broker-url mqtts://127.0.0.1:{args.port} "
+        f"--broker-log-file {args.out / 'mosquitto.log'}"
     )
 
 
@@ -129,6 +131,7 @@ def _ca_setup_errors() -> Iterator[None]:
 
 
 SERVE_FLAGS = (
+    "broker_log_file",
     "data_dir",
     "host",
     "port",
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-host", help="host name agents use to reach this server and broker")
     serve.add_argument("--trust-domain")
     serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument(
+        "--broker-log-file", type=Path, help="an external Mosquitto's log: refusals go to the audit log"
+    )
 
     broker = sub.add_parser("broker-config", help="generate configuration for a production broker")
     broker_sub = broker.add_subparsers(dest="broker", required=True)

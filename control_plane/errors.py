@@ -61,3 +61,7 @@ class RateLimited(StorefleetError):
 
 class CAUnavailable(StorefleetError):
     code = "ca_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

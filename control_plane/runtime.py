@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 
 import uvicorn
@@ -25,6 +26,7 @@ from control_plane.api.app import create_app
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.auth.api_keys import ApiKeys
 from control_plane.broker.embedded import EmbeddedBroker
+from control_plane.broker.mosquitto_log import MosquittoLogWatcher
 from control_plane.certificates.renewal import RenewalService
 from control_plane.db.engine import create_engine, migrate
 from control_plane.desired.publisher import DesiredStatePublisher
@@ -33,10 +35,12 @@ from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
+from control_plane.errors import CAUnavailable
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
 from control_plane.pki.factory import open_pki
+from control_plane.pki.gateway import CAGateway
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.settings import ControlPlaneSettings
@@ -64,6 +68,7 @@ class Services:
     registry: RevocationRegistry
     lifecycle: DeviceLifecycle
     enroll_limiter: RateLimiter
+    ca: CAGateway
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -202,6 +207,7 @@ class ControlPlane:
             ca_chain_pem=pki.trust_bundle_pem,
             registry=registry,
             lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
+            ca=gateway,
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
@@ -211,10 +217,11 @@ class ControlPlane:
         if self._services is not None:
             await self._services.audit.flush()
             await self._services.engine.dispose()
+            self._services.ca.close()
             self._services = None
 
     def _on_broker_security_event(self, event: str, details: dict[str, object]) -> None:
-        identity = details.get("identity") or details.get("client_id") or "unknown"
+        identity = details.get("identity") or details.get("client_id") or details.get("source") or "unknown"
         self.services.audit.record_nowait(
             AuditEvent(
                 action=f"broker.{event}",
@@ -243,13 +250,23 @@ class ControlPlane:
             services.registry.enforcer = self._broker
             services.broker_counters = lambda: dict(self._broker.counters) if self._broker else {}
         # Revocations survive restarts: the broker refuses revoked serials from the first CONNECT.
-        await services.registry.publish()
+        # (The serials reach the broker before the CA is asked for a CRL: with Vault down the
+        # control plane still starts, keeps the last crl.pem, and re-signs at the next revocation.)
+        try:
+            await services.registry.publish()
+        except CAUnavailable as exc:
+            logger.warning("CRL not refreshed at start (%s); keeping %s", exc, services.registry.crl_path)
         try:
             async with asyncio.TaskGroup() as group:
                 background = [
                     group.create_task(services.audit.run(), name="audit"),
                     group.create_task(services.ingest.run(), name="ingest"),
                     group.create_task(services.publisher.run(), name="desired-publisher"),
+                    *(
+                        [group.create_task(self._watch_broker_log(s.broker_log_file), name="broker-log")]
+                        if s.broker_log_file is not None and not s.embedded_broker
+                        else []
+                    ),
                     group.create_task(services.link.run(), name="broker-link"),
                     group.create_task(services.renewals.run(), name="renewals"),
                 ]
@@ -263,6 +280,9 @@ class ControlPlane:
                 await services.ingest.flush()
             if self._broker is not None:
                 await self._broker.stop()
+
+    async def _watch_broker_log(self, path: Path) -> None:
+        await MosquittoLogWatcher(path, self._on_broker_security_event).run()
 
     async def _serve_http(self) -> None:
         s = self.settings

@@ -41,6 +41,8 @@ class ControlPlaneSettings(BaseSettings):
     ingest_flush_interval_s: float = Field(default=0.5, gt=0)
     ingest_batch_size: int = Field(default=500, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
+    # An external Mosquitto's log file: its TLS refusals are copied into the audit log.
+    broker_log_file: Path | None = None
     # /v1/enroll token bucket per client address.
     enroll_rate_per_source_s: float = Field(default=20.0, gt=0)
     enroll_burst_per_source: int = Field(default=200, ge=1)

@@ -34,7 +34,11 @@ async def start_stack(name: str, tmp_path: Path, **overrides: object) -> AsyncIt
         fresh_database() as database_url,
         mosquitto as (host, port),
         running_control_plane(
-            data_dir, database_url=database_url, broker_url=f"mqtts://{host}:{port}", **overrides
+            data_dir,
+            database_url=database_url,
+            broker_url=f"mqtts://{host}:{port}",
+            broker_log_file=mosquitto.log_file,
+            **overrides,
         ) as cp,
     ):
         cp.mosquitto = mosquitto

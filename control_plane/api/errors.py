@@ -42,7 +42,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 400)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationFailed) else None
         if isinstance(exc, CAUnavailable):
-            headers = {"Retry-After": "5"}
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=headers)

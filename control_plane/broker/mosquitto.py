@@ -85,6 +85,7 @@ def write_mosquitto_config(
     client_id_from_certificate: bool = False,
     server_validity: timedelta = SERVER_VALIDITY,
     crl_file: Path | None = None,
+    log_file: Path | None = None,
 ) -> Path:
     """Write the configuration, ACL, CA copy and a fresh server identity to `out_dir`; return the conf path.
 
@@ -134,6 +135,9 @@ def write_mosquitto_config(
         ]
     if run_as_user is not None:
         lines.append(f"user {_value(run_as_user)}")
+    if log_file is not None:
+        # `storefleet serve --broker-log-file` follows it and audits TLS refusals.
+        lines.append(f"log_dest file {_path(log_file.resolve())}")
     lines += [
         "log_dest stderr",
         "log_type error",

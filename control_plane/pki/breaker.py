@@ -117,5 +117,6 @@ class CircuitBreaker:
         wait = self.retry_after_s()
         detail = f"retrying in {wait:.0f}s" if wait > 0 else "a trial call is in progress"
         return CAUnavailable(
-            f"{self._name} unavailable after {self._failures} consecutive failures ({detail})"
+            f"{self._name} unavailable after {self._failures} consecutive failures ({detail})",
+            retry_after_s=max(wait, 1.0),
         )

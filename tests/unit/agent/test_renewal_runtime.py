@@ -105,7 +105,7 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
 
 async def test_short_lived_certificates_are_renewed_without_going_offline(tmp_path, broker, signing_key):
     state = AgentState.open(tmp_path / "state")
-    validity = timedelta(seconds=5)
+    validity = timedelta(seconds=8)
     enroll(broker, state, "dev-0101", signing_key, validity=validity)
     first_key = state.private_key_pem()
     handler = MemoryHandler()
