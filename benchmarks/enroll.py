@@ -1,6 +1,6 @@
 """Enrollment throughput: token check + CSR verify + sign + database, end to end over HTTPS.
 
-    python -m benchmarks.enroll --enrollments 2000 --concurrency 64 [--postgres] [--json out.json]
+    python -m benchmarks.enroll --enrollments 2000 --concurrency 64 [--postgres] [--openbao] [--json out.json]
 
 The control plane runs in its own process on embedded defaults (SQLite, built-in CA); this
 process is the load generator (CSRs made beforehand, so only the server's work is timed).
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import ssl
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -69,15 +71,19 @@ async def fire(
         return latencies, failures, time.perf_counter() - started
 
 
-def run(enrollments: int, concurrency: int, warmup: int, database_url: str | None = None) -> dict[str, Any]:
+def run(
+    enrollments: int,
+    concurrency: int,
+    warmup: int,
+    database_url: str | None = None,
+    vault_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     csrs = make_csrs(enrollments + warmup)
     extra = ("--database-url", database_url) if database_url else ()
+    env = {"STOREFLEET_ENROLL_RATE_PER_SOURCE_S": "1000000", "STOREFLEET_ENROLL_BURST_PER_SOURCE": "1000000"}
     with control_plane_process(
         *extra,
-        env={
-            "STOREFLEET_ENROLL_RATE_PER_SOURCE_S": "1000000",
-            "STOREFLEET_ENROLL_BURST_PER_SOURCE": "1000000",
-        },
+        env={**env, **(vault_env or {})},
     ) as server:
         with server.client() as api:
             api.post("/v1/stores", json={"id": "BENCH-0001", "name": "bench"}).raise_for_status()
@@ -93,7 +99,8 @@ def run(enrollments: int, concurrency: int, warmup: int, database_url: str | Non
         rss = server.rss_mb()
     return {
         "benchmark": "enroll",
-        "backend": f"{'PostgreSQL' if database_url else 'SQLite'}, built-in CA, embedded broker",
+        "backend": f"{'PostgreSQL' if database_url else 'SQLite'}, "
+        f"{'OpenBao PKI' if vault_env else 'built-in CA'}, embedded broker",
         "enrollments": enrollments,
         "concurrency": concurrency,
         "failures": failures,
@@ -122,12 +129,24 @@ def main() -> None:
     parser.add_argument(
         "--postgres", action="store_true", help="use a fresh database on the local PostgreSQL"
     )
+    parser.add_argument(
+        "--openbao", action="store_true", help="sign with Vault PKI on a local OpenBao dev server"
+    )
     args = parser.parse_args()
-    if args.postgres:
-        with fresh_postgres_database() as url:
-            report = run(args.enrollments, args.concurrency, args.warmup, url)
-    else:
-        report = run(args.enrollments, args.concurrency, args.warmup)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres_database()) if args.postgres else None
+        vault_env = None
+        if args.openbao:
+            from tests.support.openbao import OpenBaoServer  # the harness the Vault tests use
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-bao-")))
+            bao = stack.enter_context(OpenBaoServer(tmp))
+            vault_env = {
+                "STOREFLEET_CA_BACKEND": "vault",
+                "STOREFLEET_VAULT_URL": bao.url,
+                "STOREFLEET_VAULT_TOKEN": bao.create_token(ttl="4h"),
+            }
+        report = run(args.enrollments, args.concurrency, args.warmup, url, vault_env)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
