@@ -20,7 +20,6 @@ The reconciler never raises for a bad message; it raises only if local state fai
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,8 +29,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.errors import ApplyError
 from agent.handlers import ApplyHandler
 from agent.state import AgentState
-from protocol.errors import InvalidMessage, ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, ApplyStatus, DesiredState, ReportedState, validate
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    ApplyStatus,
+    DesiredState,
+    ReportedState,
+    parse_object,
+    validate,
+)
 from protocol.signing import canonical_json, load_public_key, verify_document
 
 logger = logging.getLogger(__name__)
@@ -145,12 +151,4 @@ class Reconciler:
         return self._report(desired.version, ApplyStatus.APPLIED)
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
-        if len(payload) > self._max_bytes:
-            raise InvalidMessage(f"message of {len(payload)} bytes exceeds the limit of {self._max_bytes}")
-        try:
-            data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidMessage(f"payload is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidMessage("payload must be a JSON object")
-        return data
+        return parse_object(payload, max_bytes=self._max_bytes)

@@ -105,7 +105,7 @@ def run(
         "concurrency": concurrency,
         "failures": failures,
         "seconds": round(elapsed, 3),
-        "per_second": round(enrollments / elapsed, 1),
+        "per_second": round((enrollments - failures) / elapsed, 1),
         "latency_ms": {
             "p50": round(1000 * percentile(latencies, 0.50), 1),
             "p95": round(1000 * percentile(latencies, 0.95), 1),

@@ -14,12 +14,14 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control_plane.audit import AuditEvent, AuditLog, Outcome
+from control_plane.clock import utc_now
 from control_plane.db.schema import devices
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -65,6 +67,7 @@ class Ingest:
         self._health: dict[str, HealthReport] = {}
         self._reported: dict[str, ReportedState] = {}
         self._status: dict[str, DeviceStatus] = {}
+        self._received: dict[tuple[TopicKind, str], datetime] = {}
         self._wakeup = asyncio.Event()
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -111,6 +114,8 @@ class Ingest:
             self._on_renewal(message)
             return
         self.accepted[parsed.kind.value] += 1
+        # Liveness and ordering use the time *we* received it: store devices' clocks drift.
+        self._received[(parsed.kind, parsed.device_id)] = utc_now()
         if isinstance(message, HealthReport):
             previous = self._health.get(message.device_id)
             if previous is not None:
@@ -153,7 +158,12 @@ class Ingest:
         health, reported, status = self._health, self._reported, self._status
         if not (health or reported or status):
             return
-        self._health, self._reported, self._status = {}, {}, {}
+        received = self._received
+        self._health, self._reported, self._status, self._received = {}, {}, {}, {}
+
+        def at(kind: TopicKind, device_id: str) -> datetime:
+            return received[(kind, device_id)]
+
         try:
             async with self._engine.begin() as conn:
                 if status:
@@ -163,7 +173,11 @@ class Ingest:
                             last_seen_at=sa.bindparam("b_at"),
                         ),
                         [
-                            {"b_id": s.device_id, "b_online": s.state is ConnectionState.ONLINE, "b_at": s.at}
+                            {
+                                "b_id": s.device_id,
+                                "b_online": s.state is ConnectionState.ONLINE,
+                                "b_at": at(TopicKind.STATUS, s.device_id),
+                            }
                             for s in status.values()
                         ],
                     )
@@ -185,8 +199,10 @@ class Ingest:
                                 "b_status": r.status.value,
                                 "b_reason": r.reason,
                                 "b_detail": r.detail,
-                                "b_at": r.at,
-                                "b_online": _online_after(status, r.device_id, r.at),
+                                "b_at": at(TopicKind.REPORTED, r.device_id),
+                                "b_online": _online_after(
+                                    status, received, r.device_id, at(TopicKind.REPORTED, r.device_id)
+                                ),
                             }
                             for r in reported.values()
                         ],
@@ -204,15 +220,19 @@ class Ingest:
                             {
                                 "b_id": h.device_id,
                                 "b_health": _health_summary(h),
-                                "b_at": h.at,
+                                "b_at": at(TopicKind.HEALTH, h.device_id),
                                 "b_seq": h.seq,
-                                "b_online": _online_after(status, h.device_id, h.at),
+                                "b_online": _online_after(
+                                    status, received, h.device_id, at(TopicKind.HEALTH, h.device_id)
+                                ),
                             }
                             for h in health.values()
                         ],
                     )
         except Exception:
             # Put back what was not written, unless something newer arrived meanwhile.
+            for received_key, when in received.items():
+                self._received.setdefault(received_key, when)
             for target, old in ((self._health, health), (self._reported, reported), (self._status, status)):
                 for key, value in old.items():
                     target.setdefault(key, value)  # type: ignore[arg-type]
@@ -230,10 +250,19 @@ def _update(**values: Any) -> sa.Update:
     )
 
 
-def _online_after(status: dict[str, DeviceStatus], device_id: str, at: Any) -> bool:
-    """A message proves the device online unless a later offline status came in the same batch."""
+def _online_after(
+    status: dict[str, DeviceStatus],
+    received: dict[tuple[TopicKind, str], datetime],
+    device_id: str,
+    at: datetime,
+) -> bool:
+    """A message proves the device online unless an offline status arrived after it in the same batch."""
     latest = status.get(device_id)
-    return latest is None or latest.state is ConnectionState.ONLINE or latest.at < at
+    return (
+        latest is None
+        or latest.state is ConnectionState.ONLINE
+        or received[(TopicKind.STATUS, device_id)] < at
+    )
 
 
 def _health_summary(report: HealthReport) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,13 +34,13 @@ from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
-from control_plane.errors import CAUnavailable
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
 from control_plane.pki.factory import open_pki
 from control_plane.pki.gateway import CAGateway
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
+from control_plane.pki.service_identity import ServiceIdentity
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stores.service import StoreService
@@ -132,9 +131,14 @@ class ControlPlane:
         hostnames = list(dict.fromkeys([s.advertised_host, "localhost", "127.0.0.1"]))
         key_pem, issued = ca.issue_server_identity(hostnames)
         self._server_key, self._server_cert = write_identity(s.pki_dir, "server", key_pem, issued)
-        key_pem, issued = ca.issue_service_identity(CONTROL_PLANE_SERVICE, SERVICE_CERT_VALIDITY)
-        client_key, client_cert = write_identity(s.pki_dir, "control-plane", key_pem, issued)
         self._ca_file = pki.trust_bundle_file  # built-in root + intermediate (+ Vault chain)
+        identity = ServiceIdentity(
+            ca,
+            name=CONTROL_PLANE_SERVICE,
+            validity=SERVICE_CERT_VALIDITY,
+            directory=s.pki_dir,
+            trust_file=self._ca_file,
+        )
 
         audit = AuditLog(engine)
         api_keys = ApiKeys(engine)
@@ -148,15 +152,12 @@ class ControlPlane:
             flush_interval_s=s.ingest_flush_interval_s,
             batch_size=s.ingest_batch_size,
         )
-        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self._ca_file))
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(str(client_cert), str(client_key))
         broker_host, broker_port = s.broker_endpoint
         publisher_ref: list[DesiredStatePublisher] = []
         link = BrokerLink(
             host=broker_host,
             port=broker_port,
-            tls_context=tls,
+            tls_context=identity.tls_context,
             client_id=CONTROL_PLANE_SERVICE,
             on_message=ingest.handle,
             on_connected=lambda: publisher_ref[0].republish_all(),
@@ -252,16 +253,14 @@ class ControlPlane:
         # Revocations survive restarts: the broker refuses revoked serials from the first CONNECT.
         # (The serials reach the broker before the CA is asked for a CRL: with Vault down the
         # control plane still starts, keeps the last crl.pem, and re-signs at the next revocation.)
-        try:
-            await services.registry.publish()
-        except CAUnavailable as exc:
-            logger.warning("CRL not refreshed at start (%s); keeping %s", exc, services.registry.crl_path)
+        await services.registry.publish_after_commit()
         try:
             async with asyncio.TaskGroup() as group:
                 background = [
                     group.create_task(services.audit.run(), name="audit"),
                     group.create_task(services.ingest.run(), name="ingest"),
                     group.create_task(services.publisher.run(), name="desired-publisher"),
+                    group.create_task(services.registry.run(), name="crl-retry"),
                     *(
                         [group.create_task(self._watch_broker_log(s.broker_log_file), name="broker-log")]
                         if s.broker_log_file is not None and not s.embedded_broker

@@ -19,6 +19,8 @@ from protocol.versions import SCHEMA_VERSION, check_schema
 
 # Anything larger is refused by the broker configuration and by every receiver.
 MAX_MESSAGE_BYTES = 256 * 1024
+# Configuration documents are shallow; anything deeper is refused before it is processed.
+MAX_NESTING_DEPTH = 32
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 # Chosen by the device per renewal attempt; a re-sent request keeps it (idempotency key).
@@ -209,11 +211,12 @@ class RenewalResponse(Message):
 M = TypeVar("M", bound=BaseModel)
 
 
-def decode(model: type[M], payload: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
-    """Decode a payload into `model`, with one error type for every way it can be wrong.
+def parse_object(payload: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """A JSON object from untrusted bytes: bounded in size and in nesting depth.
 
-    Size is checked before parsing; the schema number before the model, so that a newer
-    peer gets `UnsupportedSchema` rather than a confusing field error.
+    The depth bound keeps every later step (validation, canonical JSON, merge patch) far from
+    Python's recursion limit: a small but deeply nested payload must be an `InvalidMessage`,
+    not a `RecursionError` escaping into whoever handles the message.
     """
     raw = payload.encode() if isinstance(payload, str) else payload
     if len(raw) > max_bytes:
@@ -222,9 +225,31 @@ def decode(model: type[M], payload: bytes | str, *, max_bytes: int = MAX_MESSAGE
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage(f"payload nests deeper than {MAX_NESTING_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise InvalidMessage("payload must be a JSON object")
-    return validate(model, data)
+    _check_depth(data)
+    return data
+
+
+def _check_depth(value: Any) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING_DEPTH:
+            raise InvalidMessage(f"payload nests deeper than {MAX_NESTING_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def decode(model: type[M], payload: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Decode a payload into `model`, with one error type for every way it can be wrong.
+
+    Size is checked before parsing; the schema number before the model, so that a newer
+    peer gets `UnsupportedSchema` rather than a confusing field error.
+    """
+    return validate(model, parse_object(payload, max_bytes=max_bytes))
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:

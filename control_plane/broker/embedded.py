@@ -42,8 +42,8 @@ never key material) and passed to ``on_security_event(event, details)``; events 
 ``connection_refused``, ``publish_denied``, ``subscription_denied``, ``delivery_denied`` and
 ``oversized_dropped``.
 
-Revocation: `EmbeddedBroker.disconnect` drops a live client; refusing a revoked certificate at
-the next CONNECT (CRL) is not done here yet.
+Revocation: `EmbeddedBroker.disconnect` drops a live client, and `set_revoked_serials` makes
+every later CONNECT with a revoked certificate fail (the control plane keeps the set current).
 """
 
 from __future__ import annotations

@@ -27,16 +27,17 @@ What it cannot enforce, unlike the embedded broker (`control_plane.broker.embedd
 - that the CONNECT client id equals the certificate's CN. A client with a valid certificate can
   connect with another device's client id: it takes over that session and disconnects the
   device (it still cannot read or write the victim's topics, since the ACL keys on its own CN,
-  but the victim is kicked off and messages queued for it can be lost). The opt-in
-  ``client_id_from_certificate=True`` sets ``use_username_as_clientid``, which *replaces* the
+  but the victim is kicked off and messages queued for it can be lost).
+  ``client_id_from_certificate=True`` (the default of ``storefleet broker-config mosquitto``)
+  sets ``use_username_as_clientid``, which *replaces* the
   client id by the CN: no take-over any more, but one connection per identity, so several
   control-plane connections (replicas, or ingest and publisher) would keep kicking each other;
 - identity beyond the CN: Mosquitto does not read the certificate's URI SAN, so it cannot tell a
   device from a service or check the trust domain. A device whose id equalled a service name
-  would get that service's rights: device ids must never be ``storefleet-control-plane``
-  (or any other service name);
-- revocation of a connected client: a CRL (``crlfile``, not written here yet) only stops new
-  connections; there is no call that drops a live client.
+  would get that service's rights; the control plane assigns device ids (``dev-<hex>``), so
+  none can be a service name;
+- revocation of a connected client: the CRL (``crlfile``) only stops new connections, and
+  Mosquitto 2.0 reads it only at start; there is no call that drops a live client.
 """
 
 from __future__ import annotations

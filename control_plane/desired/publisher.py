@@ -52,6 +52,7 @@ class DesiredStatePublisher:
         self._lock = asyncio.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._requested: set[str] = set()
+        self._refill = False
         self._wakeup = asyncio.Event()
         self.published = 0
 
@@ -81,6 +82,11 @@ class DesiredStatePublisher:
                         "refresh of %d devices failed; retrying on the next request", len(requested)
                     )
                     self._requested |= requested
+            if self._refill:
+                # Read, then publish, in this one worker: anything issued after the read is in
+                # the outbox and goes out after it, so an older version never lands last.
+                self._refill = False
+                await self._publish(await self._latest_documents())
             if self._outbox:
                 documents, self._outbox = self._outbox, []
                 await self._publish(documents)
@@ -149,8 +155,13 @@ class DesiredStatePublisher:
         logger.info("issued %d desired-state versions", len(issued))
         return len(issued)
 
-    async def republish_all(self) -> int:
-        """Publish every active device's newest document again (retained); idempotent for agents."""
+    async def republish_all(self) -> None:
+        """Have `run()` publish every active device's newest document again (after each broker
+        (re)connect: a broker without persistence lost them). Idempotent for agents."""
+        self._refill = True
+        self._wakeup.set()
+
+    async def _latest_documents(self) -> list[dict[str, Any]]:
         latest = sa.select(desired_states.c.document).join(
             devices,
             sa.and_(
@@ -161,9 +172,7 @@ class DesiredStatePublisher:
             ),
         )
         async with self._engine.connect() as conn:
-            documents = [row.document for row in await conn.execute(latest)]
-        await self._publish(documents)
-        return len(documents)
+            return [row.document for row in await conn.execute(latest)]
 
     async def _publish(self, documents: list[dict[str, Any]]) -> None:
         if not self._link.is_connected:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import aiomqtt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -62,7 +63,7 @@ class DeviceLifecycle:
         for kind in (TopicKind.DESIRED, TopicKind.STATUS):
             try:
                 await self._link.publish(device_topic(device_id, kind), b"", qos=1, retain=True)
-            except ConnectionError:
+            except (ConnectionError, aiomqtt.MqttError):
                 logger.warning("broker not connected: retained %s of %s not cleared", kind.value, device_id)
         return serials
 
@@ -93,7 +94,7 @@ class DeviceLifecycle:
                 connection=conn,
             )
         try:
-            await self._registry.publish(serials)
+            await self._registry.publish_after_commit(serials)
         finally:
             enforcer = self._registry.enforcer
             if enforcer is not None:

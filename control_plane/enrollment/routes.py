@@ -7,7 +7,7 @@ from fastapi.responses import PlainTextResponse
 
 from control_plane.api.deps import ServicesDep, client_address
 from control_plane.audit import AuditEvent, Outcome
-from control_plane.errors import RateLimited
+from control_plane.errors import CAUnavailable, RateLimited
 from protocol.messages import EnrollmentRequest, EnrollmentResponse
 
 router = APIRouter(tags=["enrollment"])
@@ -42,4 +42,7 @@ async def ca_certificates(services: ServicesDep) -> str:
 @router.get("/v1/pki/crl", response_class=PlainTextResponse)
 async def certificate_revocation_list(services: ServicesDep) -> str:
     """The current CRL (PEM), re-signed on every revocation."""
-    return services.registry.crl_pem or await services.registry.publish()
+    crl = services.registry.crl_pem
+    if crl is None:
+        raise CAUnavailable("no CRL has been signed yet", retry_after_s=30)
+    return crl

@@ -29,7 +29,7 @@ from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.devices.lifecycle import DECOMMISSIONED
 from control_plane.devices.revocation import RevocationRegistry, revoke_certificates
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
-from control_plane.errors import Conflict, CSRRejected, EnrollmentRefused, NotFound
+from control_plane.errors import Conflict, CSRRejected, EnrollmentRefused, NotFound, StorefleetError
 from control_plane.pki.ca import IssuedCertificate, load_csr
 from control_plane.pki.gateway import CAGateway
 from control_plane.pki.signing_keys import SigningKeyring
@@ -207,9 +207,16 @@ class EnrollmentService:
             await self._refuse(reason, source=source)
             raise EnrollmentRefused(_REFUSAL_MESSAGES[reason], code=reason)
         device_id = token.device_id or "dev-" + secrets.token_hex(8)
-        issued = await self._ca.sign_device_csr(
-            request.csr_pem, device_id=device_id, store_id=token.store_id, validity=self._cert_validity
-        )
+        if token.device_id is not None and await self._is_decommissioned(token.device_id):
+            await self._refuse("device_decommissioned", source=source, detail={"device_id": token.device_id})
+            raise Conflict(f"device {token.device_id!r} is decommissioned", code="device_decommissioned")
+        try:
+            issued = await self._ca.sign_device_csr(
+                request.csr_pem, device_id=device_id, store_id=token.store_id, validity=self._cert_validity
+            )
+        except StorefleetError as exc:  # CA down (503) or the CA refused the CSR (422): loud, too
+            await self._refuse(exc.code, source=source, detail={"message": exc.message})
+            raise
         now = self._clock()
         superseded: list[str] = []
         async with self._engine.begin() as conn:
@@ -260,7 +267,7 @@ class EnrollmentService:
             await self._refuse(reason, source=source)
             raise EnrollmentRefused(_REFUSAL_MESSAGES[reason], code=reason)
         if superseded:
-            await self._registry.publish(superseded)
+            await self._registry.publish_after_commit(superseded)
         self._publisher.request_refresh([device_id])
         return EnrollmentResponse(
             device_id=device_id,
@@ -271,6 +278,11 @@ class EnrollmentService:
             signing_keys=self._keyring.public_keys(),
             health_interval_s=self._health_interval_s,
         )
+
+    async def _is_decommissioned(self, device_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            state = await conn.scalar(sa.select(devices.c.state).where(devices.c.id == device_id))
+        return state is None or state == DECOMMISSIONED
 
     async def _usable_token(self, digest: str) -> Any:
         async with self._engine.connect() as conn:

@@ -37,7 +37,7 @@ class BrokerLink:
         *,
         host: str,
         port: int,
-        tls_context: ssl.SSLContext,
+        tls_context: Callable[[], ssl.SSLContext],
         client_id: str,
         on_message: MessageHandler,
         on_connected: Callable[[], Awaitable[object]] | None = None,
@@ -46,7 +46,7 @@ class BrokerLink:
         keepalive_s: int = 30,
     ) -> None:
         self._host, self._port = host, port
-        self._tls = tls_context
+        self.tls_context = tls_context  # asked before every connect (certificates rotate)
         self._client_id = client_id
         self._on_message = on_message
         self._on_connected = on_connected
@@ -74,7 +74,7 @@ class BrokerLink:
                     self._host,
                     self._port,
                     identifier=self._client_id,
-                    tls_context=self._tls,
+                    tls_context=self.tls_context(),
                     clean_session=False,
                     keepalive=self._keepalive_s,
                     max_inflight_messages=1000,
@@ -90,7 +90,11 @@ class BrokerLink:
                     refill = asyncio.create_task(self._after_connect())
                     try:
                         async for message in client.messages:
-                            self._on_message(str(message.topic), _payload_bytes(message.payload))
+                            try:
+                                self._on_message(str(message.topic), _payload_bytes(message.payload))
+                            except Exception:
+                                # A bug in one message's handling must not end ingest for all.
+                                logger.exception("handling a message on %s failed", str(message.topic)[:200])
                     finally:
                         refill.cancel()
                         with contextlib.suppress(asyncio.CancelledError):

@@ -137,6 +137,9 @@ async def test_reenrolled_device_uses_its_new_identity_and_the_old_one_is_refuse
 async def test_decommission_clears_retained_state_and_is_final(stack: RunningControlPlane, tmp_path):
     await stack.create_store("DE-BER-0001", config={"x": 1})
     enrolled = await enroll_agent(stack, "DE-BER-0001", tmp_path / "agent")
+    early_token = (
+        await stack.api.post(f"/v1/devices/{enrolled.device_id}/reenrollment-tokens", json={})
+    ).json()
     async with running(enrolled.build()) as agent:
         await agent.wait_applied(1)
         response = await stack.api.post(f"/v1/devices/{enrolled.device_id}/decommission")
@@ -147,7 +150,7 @@ async def test_decommission_clears_retained_state_and_is_final(stack: RunningCon
     link = stack.control_plane.services.link
     host, port = stack.settings.broker_endpoint
     received: list[bytes] = []
-    ctx = link._tls  # the control plane's own identity may read any device topic
+    ctx = link.tls_context()  # the control plane's own identity may read any device topic
     # On Mosquitto (client id forced to the CN) this probe and the control plane's session take
     # each other over; a retained message would arrive right after SUBACK, before that happens.
     with contextlib.suppress(aiomqtt.MqttError):
@@ -163,6 +166,12 @@ async def test_decommission_clears_retained_state_and_is_final(stack: RunningCon
 
     again = await stack.api.post(f"/v1/devices/{enrolled.device_id}/reenrollment-tokens", json={})
     assert again.status_code == 409
+    # A re-enrollment token made before the decommission is refused too, loudly.
+    late = await _enroll(stack, early_token["token"])
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "device_decommissioned"
+    refused = await stack.control_plane.services.audit.records(action="device.enroll")
+    assert any(r["detail"].get("reason") == "device_decommissioned" for r in refused)
     assert (await stack.api.post(f"/v1/devices/{enrolled.device_id}/revoke")).status_code == 409
 
 

@@ -59,3 +59,13 @@ def test_reported_state_statuses():
     for status in ApplyStatus:
         report = ReportedState(device_id="dev-abc", version=1, status=status)
         assert decode(ReportedState, report.to_json()).status is status
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_deeply_nested_payload_is_invalid_not_a_crash(depth):
+    payload = {**HEALTH, "x": None}
+    nested = "[" * depth + "]" * depth
+    raw = json.dumps(payload).replace("null", nested).encode()
+    assert len(raw) < MAX_MESSAGE_BYTES
+    with pytest.raises(InvalidMessage, match="nests deeper"):
+        decode(HealthReport, raw)

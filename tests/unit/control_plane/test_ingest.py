@@ -1,0 +1,53 @@
+"""Ingest validates and coalesces device messages; a hostile payload is counted, never raised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from control_plane.audit import AuditLog
+from control_plane.db.engine import create_engine, migrate
+from control_plane.ingest import Ingest
+from protocol.messages import MAX_MESSAGE_BYTES
+
+
+@pytest.fixture
+async def ingest(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    await migrate(engine)
+    yield Ingest(
+        engine, AuditLog(engine), max_message_bytes=MAX_MESSAGE_BYTES, flush_interval_s=1, batch_size=100
+    )
+    await engine.dispose()
+
+
+def _health(device_id: str, seq: int) -> bytes:
+    return json.dumps(
+        {
+            "schema": 1,
+            "device_id": device_id,
+            "seq": seq,
+            "cpu_percent": 1,
+            "memory_percent": 2,
+            "disk_percent": 3,
+            "uptime_s": 4,
+        }
+    ).encode()
+
+
+async def test_deeply_nested_payload_is_rejected_and_counted(ingest):
+    raw = _health("dev-abc", 1).replace(b'"seq": 1', b'"seq": 1, "x": ' + b"[" * 50_000 + b"]" * 50_000)
+    assert len(raw) < MAX_MESSAGE_BYTES
+    ingest.handle("sf/v1/dev/dev-abc/health", raw)  # must not raise
+    assert ingest.rejected["invalid_message"] == 1
+    assert ingest.pending == 0
+
+
+async def test_health_reports_are_coalesced_per_device_newest_seq_wins(ingest):
+    for seq in (1, 3, 2):
+        ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", seq))
+    ingest.handle("sf/v1/dev/dev-def/health", _health("dev-def", 1))
+    assert ingest.pending == 2
+    assert ingest.coalesced == 2
+    assert ingest._health["dev-abc"].seq == 3
