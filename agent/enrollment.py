@@ -20,8 +20,6 @@ import ssl
 from pathlib import Path
 
 import aiohttp
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
@@ -39,6 +37,7 @@ from agent.identity import (
     fingerprint,
     fingerprint_matches,
     generate_key,
+    issued_by,
     load_certificate,
     load_certificates,
     load_private_key,
@@ -233,7 +232,7 @@ def _check_response(response: EnrollmentResponse, key: ec.EllipticCurvePrivateKe
         raise invalid("the issued certificate is not for this device's key")
     if common_name(cert) != response.device_id:
         raise invalid(f"the issued certificate does not name device {response.device_id}")
-    if not any(_issued_by(cert, ca) for ca in chain):
+    if not any(issued_by(cert, ca) for ca in chain):
         raise invalid("the issued certificate was not signed by the returned CA chain")
     if not response.signing_keys:
         raise invalid("the enrollment response carries no config-signing key")
@@ -242,11 +241,3 @@ def _check_response(response: EnrollmentResponse, key: ec.EllipticCurvePrivateKe
             load_public_key(signing_key.public_key_pem)
         except (ProtocolError, ValueError) as exc:
             raise invalid(f"config-signing key {signing_key.kid!r} is unusable: {exc}") from exc
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True

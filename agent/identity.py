@@ -13,6 +13,7 @@ import re
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -104,3 +105,12 @@ def common_name(cert: x509.Certificate) -> str | None:
 
 def expiry(cert: x509.Certificate) -> datetime:
     return cert.not_valid_after_utc
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True when `issuer` signed `cert` directly."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -45,6 +44,7 @@ from agent.identity import (
     common_name,
     fingerprint,
     generate_key,
+    issued_by,
     load_certificate,
     load_certificates,
     matches_key,
@@ -388,7 +388,7 @@ class Renewer:
             raise invalid("it is not for the new key")
         if common_name(cert) != self.device_id:
             raise invalid(f"it does not name device {self.device_id}")
-        if not any(_issued_by(cert, anchor) for anchor in anchors):
+        if not any(issued_by(cert, anchor) for anchor in anchors):
             raise invalid("it was not issued by the CA pinned at enrollment")
         if not _client_auth(cert):
             raise invalid("it is not a TLS client certificate")
@@ -444,14 +444,6 @@ class Renewer:
             renewals=self.renewals,
         )
         await self._state.io(self._state.record_renewal, record)
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _client_auth(cert: x509.Certificate) -> bool:
