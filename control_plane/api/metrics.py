@@ -64,6 +64,22 @@ async def render(services: Services) -> bytes:
         "storefleet_desired_published", "Desired-state documents published", registry=registry
     )
     published.inc(services.publisher.published)
+    renewal = services.renewals
+    renewals = Counter(
+        "storefleet_renewals", "Certificate renewal requests by outcome", ["outcome"], registry=registry
+    )
+    for outcome, count in (
+        ("issued", renewal.issued),
+        ("dropped", renewal.dropped),
+        ("unsent", renewal.unsent),
+    ):
+        renewals.labels(outcome=outcome).inc(count)
+    for reason, count in renewal.refused.items():
+        renewals.labels(outcome=f"refused_{reason}").inc(count)
+    audit_dropped = Counter(
+        "storefleet_audit_dropped", "Audit records lost to a full queue", registry=registry
+    )
+    audit_dropped.inc(services.audit.dropped)
     return generate_latest(registry)
 
 

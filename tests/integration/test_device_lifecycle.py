@@ -217,3 +217,4 @@ async def test_certificates_by_expiry_and_metrics(embedded: RunningControlPlane,
     text = (await embedded.anonymous.get("/metrics")).text
     assert 'storefleet_certificates_valid{expires_within="7d"} 2.0' in text
     assert 'storefleet_devices{online="false",state="active"} 2.0' in text
+    assert 'storefleet_renewals_total{outcome="issued"} 0.0' in text
