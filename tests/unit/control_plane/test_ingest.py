@@ -51,3 +51,29 @@ async def test_health_reports_are_coalesced_per_device_newest_seq_wins(ingest):
     assert ingest.pending == 2
     assert ingest.coalesced == 2
     assert ingest._health["dev-abc"].seq == 3
+
+
+async def test_liveness_uses_receive_time_not_the_device_clock(ingest, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from control_plane.db.schema import devices, stores
+
+    now = datetime.now(UTC)
+    async with ingest._engine.begin() as conn:
+        await conn.execute(
+            stores.insert().values(
+                id="S1", name="s", timezone="UTC", config={}, created_at=now, updated_at=now
+            )
+        )
+        await conn.execute(devices.insert().values(id="dev-abc", store_id="S1", enrolled_at=now))
+    skewed = json.loads(_health("dev-abc", 7))
+    skewed["at"] = (now - timedelta(hours=3)).isoformat()  # a store device whose clock is 3 h behind
+    ingest.handle("sf/v1/dev/dev-abc/health", json.dumps(skewed).encode())
+    await ingest.flush()
+    async with ingest._engine.connect() as conn:
+        row = (await conn.execute(sa.select(devices).where(devices.c.id == "dev-abc"))).one()
+    assert row.online is True
+    assert abs((row.last_seen_at - datetime.now(UTC)).total_seconds()) < 5
+    assert row.health_seq == 7
