@@ -52,6 +52,7 @@ class DesiredStatePublisher:
         self._lock = asyncio.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._requested: set[str] = set()
+        self._requested_stores: set[str] = set()
         self._refill = False
         self._wakeup = asyncio.Event()
         self.published = 0
@@ -63,9 +64,10 @@ class DesiredStatePublisher:
     async def refresh_devices(self, device_ids: Iterable[str]) -> int:
         return await self._refresh(devices.c.id.in_(list(device_ids)))
 
-    def request_refresh(self, device_ids: Iterable[str]) -> None:
+    def request_refresh(self, device_ids: Iterable[str] = (), *, stores: Iterable[str] = ()) -> None:
         """Ask for a refresh without waiting: `run()` coalesces requests into one transaction."""
         self._requested.update(device_ids)
+        self._requested_stores.update(stores)
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -73,6 +75,14 @@ class DesiredStatePublisher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._requested_stores:
+                stores_due, self._requested_stores = self._requested_stores, set()
+                for store_id in stores_due:
+                    try:
+                        await self.refresh_store(store_id)
+                    except Exception:
+                        logger.exception("refresh of store %s failed; retrying on the next request", store_id)
+                        self._requested_stores.add(store_id)
             if self._requested:
                 requested, self._requested = self._requested, set()
                 try:

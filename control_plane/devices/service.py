@@ -79,23 +79,20 @@ class DeviceService:
         ]
 
     async def certificate_expiry_buckets(self, bounds: list[tuple[str, timedelta]]) -> dict[str, int]:
-        """Valid certificates counted by how soon they expire (for the metrics gauge)."""
+        """Valid certificates counted by how soon they expire (for the metrics gauge), in SQL."""
         now = self._clock()
-        async with self._engine.connect() as conn:
-            not_afters = [
-                row.not_after
-                for row in await conn.execute(
-                    sa.select(certificates.c.not_after).where(certificates.c.status == "valid")
-                )
-            ]
+        bucket = sa.case(
+            (certificates.c.not_after <= now, "expired"),
+            *((certificates.c.not_after <= now + bound, label) for label, bound in bounds),
+            else_="later",
+        ).label("bucket")
         counts = {"expired": 0, **{label: 0 for label, _ in bounds}, "later": 0}
-        for not_after in not_afters:
-            left = not_after - now
-            if left <= timedelta(0):
-                counts["expired"] += 1
-                continue
-            label = next((lbl for lbl, bound in bounds if left <= bound), "later")
-            counts[label] += 1
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(bucket, sa.func.count()).where(certificates.c.status == "valid").group_by(bucket)
+            )
+            for label, count in rows:
+                counts[label] = int(count)
         return counts
 
     async def counts_by_state(self) -> dict[tuple[str, bool], int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,6 +15,8 @@ from control_plane.db.schema import devices, stores
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.errors import Conflict, NotFound
 from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
+
+logger = logging.getLogger(__name__)
 
 
 class StoreService:
@@ -81,7 +84,13 @@ class StoreService:
                 AuditEvent(action="store.set_config", outcome=Outcome.SUCCESS, actor=actor, target=store_id),
                 connection=conn,
             )
-        await self._publisher.refresh_store(store_id)
+        try:
+            await self._publisher.refresh_store(store_id)
+        except Exception:
+            # The new layer is committed; the operator's change must not look failed. The
+            # publisher's worker issues the versions as soon as it can.
+            logger.exception("issuing desired state for store %s failed; queued for retry", store_id)
+            self._publisher.request_refresh(stores=[store_id])
         return await self.get(store_id)
 
     async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:

@@ -201,20 +201,20 @@ async def test_enrollment_is_rate_limited_per_source(tmp_path):
         assert limited.json()["error"]["code"] == "rate_limited"
 
 
-async def test_certificates_by_expiry_and_metrics(embedded: RunningControlPlane, tmp_path):
-    await embedded.create_store("DE-BER-0001")
+async def test_certificates_by_expiry_and_metrics(stack: RunningControlPlane, tmp_path):
+    await stack.create_store("DE-BER-0001")
     for _i in range(2):
-        response = await _enroll(embedded, (await embedded.create_token("DE-BER-0001"))["token"], _csr())
+        response = await _enroll(stack, (await stack.create_token("DE-BER-0001"))["token"], _csr())
         assert response.status_code == 200
-    soon = (await embedded.api.get("/v1/certificates", params={"expiring_within": "1h"})).json()
-    later = (await embedded.api.get("/v1/certificates", params={"expiring_within": "73h"})).json()
+    soon = (await stack.api.get("/v1/certificates", params={"expiring_within": "1h"})).json()
+    later = (await stack.api.get("/v1/certificates", params={"expiring_within": "73h"})).json()
     assert (len(soon), len(later)) == (0, 2)
     assert {"device_id", "serial", "not_after", "status"} <= set(later[0])
-    bad = await embedded.api.get("/v1/certificates", params={"expiring_within": "soon"})
+    bad = await stack.api.get("/v1/certificates", params={"expiring_within": "soon"})
     assert bad.status_code == 422
     assert "expiring_within" in bad.json()["error"]["message"]
 
-    text = (await embedded.anonymous.get("/metrics")).text
+    text = (await stack.anonymous.get("/metrics")).text
     assert 'storefleet_certificates_valid{expires_within="7d"} 2.0' in text
     assert 'storefleet_devices{online="false",state="active"} 2.0' in text
     assert 'storefleet_renewals_total{outcome="issued"} 0.0' in text
