@@ -1,7 +1,7 @@
 """`storefleet`: the control-plane server and operator commands.
 
     storefleet serve [--data-dir DIR] [--host H] [--port P] [--mqtt-port M]
-                     [--database-url URL] [--broker-url mqtts://…]
+                     [--database-url URL] [--broker-url mqtts://…] [--broker-log-file F]
     storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P]
     storefleet ca init [--data-dir DIR] [--trust-domain T]
     storefleet demo

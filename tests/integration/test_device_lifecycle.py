@@ -9,11 +9,14 @@ import aiomqtt
 import pytest
 from cryptography import x509
 
+from agent.enrollment import enroll
+from agent.state import AgentState
 from agent.tls import broker_client_context
+from protocol.messages import DeviceInfo
 from protocol.topics import TopicKind, device_topic
 from tests.conftest import start_stack
 from tests.integration.test_enrollment_api import _csr, _enroll
-from tests.support.agents import enroll_agent, running
+from tests.support.agents import EnrolledAgent, enroll_agent, running
 from tests.support.control_plane import RunningControlPlane
 
 pytestmark = pytest.mark.integration
@@ -106,10 +109,6 @@ async def test_reenrolled_device_uses_its_new_identity_and_the_old_one_is_refuse
         await agent.wait_applied(1)
     # A superseding re-enrollment (say the device was re-imaged): same identity, new key.
     token = (await stack.api.post(f"/v1/devices/{first.device_id}/reenrollment-tokens", json={})).json()
-    from agent.enrollment import enroll
-    from agent.state import AgentState
-    from protocol.messages import DeviceInfo
-    from tests.support.agents import EnrolledAgent
 
     state = AgentState.open(tmp_path / "reimaged")
     response = await enroll(
