@@ -80,6 +80,9 @@ class BrokerLink:
                     max_inflight_messages=1000,
                     timeout=30,
                 ) as client:
+                    # The publisher keeps hundreds of publishes in flight on purpose (refills,
+                    # store-wide changes); aiomqtt would warn from 10 on.
+                    client.pending_calls_threshold = 2000
                     self._client = client
                     for kind in INGEST_KINDS:
                         await client.subscribe(fleet_filter(kind), qos=1)
