@@ -15,9 +15,6 @@ exclusive lock on /tmp/storefleet-bench.lock so benchmarks on this machine don't
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import json
 import os
 import platform
 import shlex
@@ -26,32 +23,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from benchmarks.common import control_plane_process
+from benchmarks.common import control_plane_process, emit_report, measuring_lock
 
 BIN = Path(sys.executable).parent
-LOCK_FILE = Path("/tmp/storefleet-bench.lock")  # noqa: S108 - shared by the benchmarks on purpose
 STORE_ID = "BENCH-AGENT-0001"
 GOAL_RSS_MB = 40.0
 GOAL_IDLE_CPU_PERCENT = 0.5
-
-
-@contextlib.contextmanager
-def bench_lock() -> Iterator[float]:
-    """Exclusive flock for the measuring phase; yields the seconds spent waiting for it."""
-    started = time.monotonic()
-    with LOCK_FILE.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield time.monotonic() - started
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def agent_env(token: str | None = None, health_interval: float | None = None) -> dict[str, str]:
@@ -208,7 +191,7 @@ def run(
             started, sync_seconds = wait_in_sync(api, agent, timeout=60)
             process = psutil.Process(agent.pid)
             startup_rss, startup_uss = memory_mb(process)
-            with bench_lock() as lock_wait:
+            with measuring_lock() as lock_wait:
                 time.sleep(2.0)  # let the first apply and health report settle before the idle window
                 idle = idle_window(process, idle_seconds)
                 churn, puts, put_failures = churn_window(process, api, churn_seconds, churn_interval)
@@ -297,10 +280,7 @@ def main() -> None:
     report = run(args.idle_seconds, args.churn_seconds, args.churn_interval, args.health_interval)
     report["python"] = f"{platform.python_implementation()} {platform.python_version()}"
     report["command"] = shlex.join(["python", "-m", "benchmarks.agent_footprint", *sys.argv[1:]])
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(report, args.json)
 
 
 if __name__ == "__main__":

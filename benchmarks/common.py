@@ -1,33 +1,32 @@
-"""What the benchmarks share: a control plane in its own process, and percentiles."""
+"""What the benchmarks share: a control plane process, keys and CSRs, the measuring lock, reports."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+from simulators.provision import percentile  # noqa: F401 (one percentile for the simulator and benchmarks)
+from tests.support.ports import free_port
 
 
 @dataclass
@@ -105,8 +104,6 @@ def fresh_postgres_database(
     admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres",
 ) -> Iterator[str]:
     """A new database on the local PostgreSQL for one run, dropped afterwards."""
-    import asyncio
-
     import asyncpg
 
     name = "sf_bench_" + os.urandom(6).hex()
@@ -123,3 +120,55 @@ def fresh_postgres_database(
         yield f"postgresql+asyncpg://{admin_dsn.split('://', 1)[1].rsplit('/', 1)[0]}/{name}"
     finally:
         asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def emit_report(report: dict[str, Any], json_path: Path | None) -> None:
+    """Print the JSON report, and write it to `json_path` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+
+
+# Benchmarks measure one at a time on this 2-core machine: each holds this lock while measuring.
+LOCK_FILE = Path("/tmp/storefleet-bench.lock")  # noqa: S108 - shared by design between benchmark runs
+
+
+@contextlib.contextmanager
+def measuring_lock() -> Iterator[float]:
+    """Exclusive flock for the measuring phase; yields the seconds spent waiting for it."""
+    started = time.monotonic()
+    with LOCK_FILE.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.asynccontextmanager
+async def measuring_lock_async() -> AsyncIterator[None]:
+    """`measuring_lock` for a process whose event loop must keep running while it waits."""
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def make_keys_and_csrs(count: int) -> list[tuple[str, str]]:
+    """(private key PEM, CSR PEM) pairs made beforehand, so only the server's work is timed."""
+    pairs = []
+    for _ in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        pairs.append((key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()))
+    return pairs

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import ssl
 import tempfile
 import time
@@ -20,25 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from benchmarks.common import ServerProcess, control_plane_process, fresh_postgres_database, percentile
-
-
-def make_csrs(count: int) -> list[str]:
-    csrs = []
-    for _ in range(count):
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
-            .sign(key, hashes.SHA256())
-        )
-        csrs.append(csr.public_bytes(serialization.Encoding.PEM).decode())
-    return csrs
+from benchmarks.common import (
+    ServerProcess,
+    control_plane_process,
+    emit_report,
+    fresh_postgres_database,
+    make_keys_and_csrs,
+    percentile,
+)
 
 
 async def fire(
@@ -78,7 +67,7 @@ def run(
     database_url: str | None = None,
     vault_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    csrs = make_csrs(enrollments + warmup)
+    csrs = [csr for _key, csr in make_keys_and_csrs(enrollments + warmup)]
     extra = ("--database-url", database_url) if database_url else ()
     env = {"STOREFLEET_ENROLL_RATE_PER_SOURCE_S": "1000000", "STOREFLEET_ENROLL_BURST_PER_SOURCE": "1000000"}
     with control_plane_process(
@@ -147,10 +136,7 @@ def main() -> None:
                 "STOREFLEET_VAULT_TOKEN": bao.create_token(ttl="4h"),
             }
         report = run(args.enrollments, args.concurrency, args.warmup, url, vault_env)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(report, args.json)
 
 
 if __name__ == "__main__":

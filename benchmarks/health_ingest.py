@@ -23,14 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
-import json
 import multiprocessing
 import os
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -39,17 +36,13 @@ from typing import Any
 import httpx
 import psutil
 import sqlalchemy as sa
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from benchmarks.common import emit_report, make_keys_and_csrs, measuring_lock_async
 from control_plane.db.schema import devices as devices_table
 from control_plane.settings import ControlPlaneSettings
 from protocol.messages import HealthReport
 from protocol.topics import TopicKind, device_topic
 
-LOCK_FILE = "/tmp/storefleet-bench.lock"  # noqa: S108 - shared on purpose with other benchmarks
 STORE_ID = "BENCH-HEALTH"
 
 
@@ -61,22 +54,6 @@ class Credentials:
 
 
 # --- enrollment (this process) ----------------------------------------------------------------
-
-
-def make_keys_and_csrs(count: int) -> list[tuple[str, str]]:
-    pairs = []
-    for _ in range(count):
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
-            .sign(key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-        pairs.append((key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()))
-    return pairs
 
 
 async def enroll_all(
@@ -308,7 +285,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(2 * services.ingest._flush_interval_s)
             expected = len(credentials) * args.reports_per_device
             ingest = services.ingest
-            async with exclusive_lock(LOCK_FILE):
+            async with measuring_lock_async():
                 measured = await measure(parent_end, child, ingest, expected, mosquitto)
         finally:
             with contextlib.suppress(OSError):
@@ -343,17 +320,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "goal_met": measured["accepted_per_second"] >= 10_000 and not lost,
         }
     raise AssertionError("unreachable")
-
-
-@contextlib.asynccontextmanager
-async def exclusive_lock(path: str) -> AsyncIterator[None]:
-    """Hold an exclusive flock on `path` (waiting in a thread, so the control plane keeps running)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 async def measure(conn: Connection, child: Any, ingest: Any, expected: int, mosquitto: Any) -> dict[str, Any]:
@@ -427,10 +393,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("STOREFLEET_LOG_LEVEL", "WARNING")
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(report, args.json)
 
 
 if __name__ == "__main__":

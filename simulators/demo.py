@@ -49,7 +49,7 @@ DEVICES_PER_STORE = len(ROLES)
 STEP_TIMEOUT_S = 30.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -69,8 +69,8 @@ async def run_demo(console: Console | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="storefleet-demo-") as tmp:
         settings = ControlPlaneSettings(
             data_dir=Path(tmp) / "data",
-            port=_free_port(),
-            mqtt_port=_free_port(),
+            port=free_port(),
+            mqtt_port=free_port(),
             health_interval_s=2.0,
             ingest_flush_interval_s=0.2,
         )

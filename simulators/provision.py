@@ -54,10 +54,10 @@ async def _control_plane(scenario: ProvisionScenario) -> AsyncIterator[_Target]:
         return
     from control_plane.runtime import ControlPlane
     from control_plane.settings import ControlPlaneSettings
-    from simulators.demo import _free_port
+    from simulators.demo import free_port
 
     with tempfile.TemporaryDirectory(prefix="storefleet-sim-cp-") as tmp:
-        settings = ControlPlaneSettings(data_dir=Path(tmp), port=_free_port(), mqtt_port=_free_port())
+        settings = ControlPlaneSettings(data_dir=Path(tmp), port=free_port(), mqtt_port=free_port())
         control_plane = ControlPlane(settings)
         await control_plane.open()
         task = asyncio.create_task(control_plane.run())
@@ -72,7 +72,7 @@ async def _control_plane(scenario: ProvisionScenario) -> AsyncIterator[_Target]:
             await control_plane.close()
 
 
-def _percentile(values: list[float], fraction: float) -> float:
+def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
@@ -173,15 +173,15 @@ async def run_provision(scenario: ProvisionScenario) -> dict[str, Any]:
             "seconds": round(enroll_elapsed, 3),
             "per_second": round(agents / enroll_elapsed, 1) if enroll_elapsed else None,
             "latency_p50_ms": round(1000 * statistics.median(enroll_latencies), 1),
-            "latency_p99_ms": round(1000 * _percentile(enroll_latencies, 0.99), 1),
+            "latency_p99_ms": round(1000 * percentile(enroll_latencies, 0.99), 1),
         },
         "first_config_applied": {
             "all_seconds": round(max(applied_at.values()), 3) if applied_at else None,
-            "p50_seconds": round(_percentile(list(applied_at.values()), 0.5), 3),
-            "p99_seconds": round(_percentile(list(applied_at.values()), 0.99), 3),
+            "p50_seconds": round(percentile(list(applied_at.values()), 0.5), 3),
+            "p99_seconds": round(percentile(list(applied_at.values()), 0.99), 3),
         },
         "store_ready_seconds": {
-            "p50": round(_percentile(store_ready, 0.5), 3),
+            "p50": round(percentile(store_ready, 0.5), 3),
             "max": round(max(store_ready), 3) if store_ready else None,
         },
         "process_rss_mb": round(rss_after / 2**20, 1),

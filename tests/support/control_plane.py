@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,14 +14,9 @@ import httpx
 
 from control_plane.runtime import ControlPlane
 from control_plane.settings import ControlPlaneSettings
+from tests.support.ports import free_port
 
 ADMIN_KEY = "sfk_test-admin-key-0123456789abcdef0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -14,25 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from pathlib import Path
 from types import TracebackType
 
 from control_plane.broker.mosquitto import write_mosquitto_config
 from control_plane.pki.ca import BuiltinCA
 from protocol.messages import MAX_MESSAGE_BYTES
+from tests.support.ports import free_port
 
 MOSQUITTO_BINARY = Path("/usr/sbin/mosquitto")
 
 
 class MosquittoNotReady(RuntimeError):
     """Mosquitto is missing, exited, or did not open its port in time (the log is in the message)."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 class MosquittoProcess:
@@ -103,7 +97,12 @@ class MosquittoProcess:
             client_id_from_certificate=self.client_id_from_certificate,
             crl_file=self.crl_file,
         )
-        with self.log_file.open("wb") as log:
+        await self._spawn(append_log=False)
+        return self.host, self.port
+
+    async def _spawn(self, *, append_log: bool) -> None:
+        assert self.conf_file is not None
+        with self.log_file.open("ab" if append_log else "wb") as log:
             self._process = await asyncio.create_subprocess_exec(
                 str(self.binary),
                 "-c",
@@ -113,7 +112,6 @@ class MosquittoProcess:
                 stderr=log,
             )
         await self._wait_for_port()
-        return self.host, self.port
 
     async def _wait_for_port(self) -> None:
         assert self._process is not None
@@ -142,18 +140,8 @@ class MosquittoProcess:
 
     async def restart(self) -> None:
         """Stop and start again with the same configuration and port (how a CRL is reloaded)."""
-        assert self.conf_file is not None
         await self._stop()
-        with self.log_file.open("ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                str(self.binary),
-                "-c",
-                str(self.conf_file),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        await self._wait_for_port()
+        await self._spawn(append_log=True)
 
     async def _stop(self) -> None:
         process, self._process = self._process, None

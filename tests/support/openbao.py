@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from types import TracebackType
 
 import hvac
 import requests
+
+from tests.support.ports import free_port
 
 MOUNT = "pki"
 ROLE = "storefleet-device"
@@ -66,12 +67,6 @@ def bao_binary() -> Path:
             "(part of the dev extra)"
         )
     return Path(found)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class OpenBaoServer:

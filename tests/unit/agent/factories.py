@@ -18,6 +18,7 @@ from agent.identity import certificate_pem
 from agent.state import AgentState
 from protocol.messages import BrokerEndpoint, EnrollmentResponse, SigningKey
 from protocol.signing import key_id, sign_document
+from tests.support.certs import self_signed_ca
 
 DEVICE_ID = "dev-0001"
 STORE_ID = "store-1"
@@ -30,35 +31,7 @@ class LocalCA:
 
     @classmethod
     def create(cls, name: str = "test root CA") -> LocalCA:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.now(UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        key, cert = self_signed_ca(name, timedelta(days=30))
         return cls(key, cert)
 
     @property

@@ -27,6 +27,7 @@ from control_plane.pki.ca import (
 from control_plane.pki.gateway import CAGateway, trust_bundle_pem
 from control_plane.pki.identity import IdentityKind, identity_of
 from control_plane.runtime import ca_fingerprint
+from tests.support.certs import self_signed_ca
 
 TRUST_DOMAIN = "test.storefleet.example"
 DAY = timedelta(days=1)
@@ -226,35 +227,7 @@ def test_cli_ca_init_reports_the_pin_and_the_offline_root(tmp_path, capsys, monk
 
 def legacy_root(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """`pki/ca.key` + `pki/ca.pem` as version 0.1 wrote them: a root that signs directly."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "storefleet root CA (legacy)")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed_ca("storefleet root CA (legacy)", timedelta(days=3650))
     directory.mkdir(parents=True)
     (directory / "ca.key").write_bytes(
         key.private_bytes(
