@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conftest import start_stack
@@ -28,6 +30,11 @@ async def test_restart_keeps_ca_devices_and_delivers_new_config(tmp_path):
         async with running(agent):
             # The broker was empty after the restart: the retained desired state was refilled.
             await cp.wait_for_device(enrolled.device_id, lambda d: d["online"])
+            # "online" is published before the subscription delivers the retained state: wait.
+            for _ in range(100):
+                if agent.stats.desired_received >= 1:
+                    break
+                await asyncio.sleep(0.05)
             assert agent.stats.desired_received >= 1
             assert agent.applied_version == 1
             await cp.api.put("/v1/stores/DE-BER-0001/config", json={"config": {"v": 2}})
