@@ -107,8 +107,45 @@ class EnrollmentResponse(Message):
 # --- MQTT ----------------------------------------------------------------------------
 
 
+CheckName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+
+
+class AppCheckKind(StrEnum):
+    PROCESS = "process"  # a process with this name is running
+    TCP = "tcp"  # "host:port" accepts a TCP connection
+    HTTP = "http"  # the URL answers with `expect_status`
+
+
+class AppCheck(BaseModel):
+    """An application check the agent runs every `interval_s` (declared in the desired state)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: AppCheckKind
+    target: Annotated[str, Field(min_length=1, max_length=500)]
+    interval_s: Annotated[float, Field(ge=1, le=86_400)] = 30.0
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    expect_status: Annotated[int, Field(ge=100, le=599)] = 200
+
+    @model_validator(mode="after")
+    def _target_fits_kind(self) -> Self:
+        if self.kind is AppCheckKind.TCP:
+            host, sep, port = self.target.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError("a tcp check's target is 'host:port'")
+        elif self.kind is AppCheckKind.HTTP and not self.target.startswith(("http://", "https://")):
+            raise ValueError("an http check's target is an http:// or https:// URL")
+        return self
+
+
 class DesiredState(Message):
-    """The signed desired state of one device. `sig` covers the canonical JSON of the rest."""
+    """The signed desired state of one device. `sig` covers the canonical JSON of the rest.
+
+    `checks`: app checks by name (merge-patch friendly: a layer adds, changes or removes one
+    check by name). `signing_keys`: during a config-signing key rotation, every key the
+    device should trust from now on (kid → public key PEM); the agent adopts the set only
+    from a document whose signature it verified with a key it already pins.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -118,6 +155,8 @@ class DesiredState(Message):
     issued_at: datetime
     config: dict[str, Any] = Field(default_factory=dict)
     policies: dict[str, Any] = Field(default_factory=dict)
+    checks: dict[CheckName, AppCheck] = Field(default_factory=dict)
+    signing_keys: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
     kid: str = ""
     sig: str = ""
 
@@ -138,7 +177,25 @@ class ReportedState(Message):
     at: datetime = Field(default_factory=utc_now)
 
 
+class CheckResult(BaseModel):
+    """The latest outcome of one app check."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: CheckName
+    ok: bool
+    detail: Annotated[str, Field(max_length=200)] = ""
+    at: datetime = Field(default_factory=utc_now)
+
+
 class HealthReport(Message):
+    """`healthy` is false when a probe limit is crossed or any app check fails.
+
+    Reports made while offline wait in the agent's outbox and arrive later with their own
+    `at` and `seq`; `dropped` counts reports the bounded outbox had to discard since the
+    previous report that was sent.
+    """
+
     device_id: DeviceId
     seq: Annotated[int, Field(ge=0)]
     at: datetime = Field(default_factory=utc_now)
@@ -148,6 +205,8 @@ class HealthReport(Message):
     uptime_s: Annotated[float, Field(ge=0)]
     applied_version: Annotated[int, Field(ge=0)] = 0
     healthy: bool = True
+    checks: Annotated[list[CheckResult], Field(max_length=64)] = Field(default_factory=list)
+    dropped: Annotated[int, Field(ge=0)] = 0
 
 
 class ConnectionState(StrEnum):
@@ -206,6 +265,56 @@ class RenewalResponse(Message):
         if self.status is RenewalStatus.REFUSED and not self.reason:
             raise ValueError("a refused renewal carries a reason")
         return self
+
+
+# --- operator commands (MQTT) ----------------------------------------------------------
+
+
+class CommandName(StrEnum):
+    PING = "ping"
+    REBOOT = "reboot"
+    COLLECT_LOGS = "collect_logs"
+    ROTATE_CERTIFICATE = "rotate_certificate"
+
+
+class Command(Message):
+    """An operator command on ``sf/v1/dev/{device_id}/cmd`` (QoS 1, not retained).
+
+    Signed like a desired state (`sig` over the canonical JSON of the rest, by a pinned
+    key). `command_id` is the idempotency key: a device runs a command id once and answers
+    a re-delivery with the stored result. A command received after `expires_at` is not run
+    (answered `expired`).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    device_id: DeviceId
+    command_id: RequestId
+    name: CommandName
+    args: dict[str, Any] = Field(default_factory=dict)
+    issued_at: datetime
+    expires_at: datetime
+    kid: str = ""
+    sig: str = ""
+
+
+class CommandStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"  # arrived after expires_at: not run
+    REJECTED = "rejected"  # bad signature, wrong device, unknown command: not run
+
+
+class CommandResult(Message):
+    """The answer on ``sf/v1/dev/{device_id}/cmd/result`` (QoS 1)."""
+
+    device_id: DeviceId
+    command_id: RequestId
+    status: CommandStatus
+    reason: Annotated[str, Field(max_length=64)] | None = None
+    detail: Annotated[str, Field(max_length=1000)] | None = None
+    output: dict[str, Any] = Field(default_factory=dict)
+    at: datetime = Field(default_factory=utc_now)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -51,6 +51,14 @@ stores = sa.Table(
     sa.Column("config_revision", sa.Integer, nullable=False, server_default="1"),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # The template (and its version) the store was created from; None for a hand-made store.
+    sa.Column("template_id", sa.String(64), nullable=True),
+    sa.Column("template_version", sa.Integer, nullable=True),
+    # {"mon": [["08:00", "20:00"]], …} in the store's local time; None: always trading.
+    sa.Column("trading_hours", sa.JSON, nullable=True),
+    # provisioning | ready | degraded | offline | decommissioned (derived from its devices)
+    sa.Column("status", sa.String(16), nullable=False, server_default="ready"),
+    sa.Column("status_changed_at", UTCDateTime, nullable=True),
 )
 
 enrollment_tokens = sa.Table(
@@ -97,6 +105,20 @@ devices = sa.Table(
     sa.Column("cert_not_after", UTCDateTime, nullable=True),
     # active | revoked | decommissioned
     sa.Column("state", sa.String(16), nullable=False, server_default="active"),
+    # The device layer of the configuration ({"config", "policies", "checks"}), None if none.
+    sa.Column("overrides", sa.JSON, nullable=True),
+    sa.Column("overrides_revision", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_seen_at", UTCDateTime, nullable=True),
+    # healthy | unhealthy | unknown: the last report's verdict, for filters and roll-ups.
+    sa.Column("health_status", sa.String(16), nullable=False, server_default="unknown"),
+    sa.Column("health_dropped", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+device_tags = sa.Table(
+    "device_tags",
+    metadata,
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("tag", sa.String(64), primary_key=True, index=True),
 )
 
 certificates = sa.Table(
@@ -144,4 +166,137 @@ audit_log = sa.Table(
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("source", sa.String(200), nullable=True),
     sa.Column("detail", sa.JSON, nullable=False),
+)
+
+
+# --- fleet model (issue 4) --------------------------------------------------------------
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("current_version", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("archived_at", UTCDateTime, nullable=True),
+)
+
+# Immutable: a change to a template is a new version; stores keep the version they use.
+template_versions = sa.Table(
+    "template_versions",
+    metadata,
+    sa.Column("template_id", sa.String(64), sa.ForeignKey("templates.id"), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    # {"description", "manifest": {role: count}, "roles": {role: layer}, "timezone", "trading_hours"}
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+)
+
+# The persisted provisioning saga of a store (one row per store; see control_plane.provisioning).
+store_provisioning = sa.Table(
+    "store_provisioning",
+    metadata,
+    sa.Column("store_id", sa.String(64), sa.ForeignKey("stores.id"), primary_key=True),
+    sa.Column("state", sa.String(24), nullable=False),
+    # {role: count} the store must have before it is ready
+    sa.Column("expected", sa.JSON, nullable=False),
+    # ids of the enrollment tokens the saga issued (revoked on cancel)
+    sa.Column("token_ids", sa.JSON, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("deadline_at", UTCDateTime, nullable=True),
+    sa.Column("ready_at", UTCDateTime, nullable=True),
+    sa.Column("seconds_to_ready", sa.Float, nullable=True),
+    sa.Column("error", sa.String(1000), nullable=True),
+)
+
+# A store's timeline: provisioning steps, status changes, operator actions.
+store_events = sa.Table(
+    "store_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("store_id", sa.String(64), nullable=False, index=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    # static (explicit members) | dynamic (members are the devices matching `selector`)
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("selector", sa.JSON, nullable=True),
+    # This group's configuration layer ({"config", "policies", "checks"}).
+    sa.Column("layer", sa.JSON, nullable=False),
+    # Lower applies first; equal priorities apply in id order (deterministic).
+    sa.Column("priority", sa.Integer, nullable=False, server_default="100"),
+    sa.Column("revision", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+group_members = sa.Table(
+    "group_members",
+    metadata,
+    sa.Column("group_id", sa.String(64), sa.ForeignKey("groups.id"), primary_key=True),
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), primary_key=True, index=True),
+    sa.Column("added_at", UTCDateTime, nullable=False),
+)
+
+# Answers to POSTs made with an Idempotency-Key, replayed for a retry of the same request.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("actor", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("path", sa.String(500), nullable=False),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("response", sa.JSON, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False, index=True),
+)
+
+# Recent health reports per device (retention: control_plane.settings.health_retention_hours).
+health_history = sa.Table(
+    "health_history",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("store_id", sa.String(64), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False, index=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("healthy", sa.Boolean, nullable=False),
+    sa.Column("cpu_percent", sa.Float, nullable=False),
+    sa.Column("memory_percent", sa.Float, nullable=False),
+    sa.Column("disk_percent", sa.Float, nullable=False),
+    sa.Column("checks", sa.JSON, nullable=True),
+    sa.Index("ix_health_history_device_at", "device_id", "at"),
+)
+
+commands = sa.Table(
+    "commands",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(32), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    # queued | sent | succeeded | failed | expired | rejected
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=True),
+    sa.Column("detail", sa.String(1000), nullable=True),
+    sa.Column("output", sa.JSON, nullable=True),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
+    # collect_logs: where the uploaded archive is kept, and its size
+    sa.Column("artifact_path", sa.String(500), nullable=True),
+    sa.Column("artifact_bytes", sa.BigInteger, nullable=True),
 )
