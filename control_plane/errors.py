@@ -4,6 +4,7 @@ maps these to HTTP once.
     StorefleetError
     ├── NotFound                  (404) a store, device or token does not exist
     ├── Conflict                  (409) it exists already / state does not allow it
+    ├── PreconditionFailed        (412) If-Match names a revision that is no longer current
     ├── AuthenticationFailed      (401) missing or wrong operator key
     ├── EnrollmentRefused         (401) token unknown, expired, used up, revoked, wrong store
     ├── CSRRejected               (422) CSR malformed, badly signed or with a weak key
@@ -31,6 +32,16 @@ class NotFound(StorefleetError):
 
 class Conflict(StorefleetError):
     code = "conflict"
+
+
+class PreconditionFailed(StorefleetError):
+    """Optimistic locking: the client's ETag is stale. `current_etag` is the one to re-read."""
+
+    code = "precondition_failed"
+
+    def __init__(self, message: str, *, current_etag: str | None = None) -> None:
+        super().__init__(message)
+        self.current_etag = current_etag
 
 
 class AuthenticationFailed(StorefleetError):

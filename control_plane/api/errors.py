@@ -16,6 +16,7 @@ from control_plane.errors import (
     EnrollmentRefused,
     InvalidInput,
     NotFound,
+    PreconditionFailed,
     RateLimited,
     StorefleetError,
 )
@@ -23,6 +24,7 @@ from control_plane.errors import (
 STATUS_BY_ERROR: dict[type[StorefleetError], int] = {
     NotFound: 404,
     Conflict: 409,
+    PreconditionFailed: 412,
     AuthenticationFailed: 401,
     EnrollmentRefused: 401,
     CSRRejected: 422,
@@ -43,6 +45,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationFailed) else None
         if isinstance(exc, CAUnavailable):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        if isinstance(exc, PreconditionFailed) and exc.current_etag:
+            headers = {"ETag": exc.current_etag}
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=headers)
