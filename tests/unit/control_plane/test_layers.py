@@ -36,7 +36,11 @@ def test_merge_patch_does_not_mutate_inputs():
 def test_effective_state_layers_lowest_first():
     base = {"config": {"pos": {"currency": "EUR", "tax": 19}}, "policies": {"lock_s": 300}}
     store = {"config": {"pos": {"tax": 7}}, "policies": {"lock_s": None}}
-    assert effective_state(base, store) == {"config": {"pos": {"currency": "EUR", "tax": 7}}, "policies": {}}
+    assert effective_state(base, store) == {
+        "config": {"pos": {"currency": "EUR", "tax": 7}},
+        "policies": {},
+        "checks": {},
+    }
 
 
 def test_content_hash_ignores_key_order_but_not_values():
