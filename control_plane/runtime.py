@@ -29,6 +29,7 @@ from control_plane.broker.mosquitto_log import MosquittoLogWatcher
 from control_plane.certificates.renewal import RenewalService
 from control_plane.db.engine import create_engine, migrate
 from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.desired.service import ConfigService
 from control_plane.devices.lifecycle import DeviceLifecycle
 from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
@@ -68,6 +69,7 @@ class Services:
     lifecycle: DeviceLifecycle
     enroll_limiter: RateLimiter
     ca: CAGateway
+    config: ConfigService
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -209,6 +211,7 @@ class ControlPlane:
             registry=registry,
             lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
             ca=gateway,
+            config=ConfigService(engine=engine, publisher=publisher, keyring=keyring, audit=audit),
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),

@@ -10,7 +10,10 @@ from fastapi.responses import JSONResponse
 
 from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import error_body, install_error_handlers
+from control_plane.api.idempotency import IdempotencyMiddleware
 from control_plane.api.metrics import router as metrics_router
+from control_plane.desired.routes import router as config_router
+from control_plane.desired.routes import signing_keys_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
@@ -28,10 +31,13 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
+    app.add_middleware(IdempotencyMiddleware, engine=services.engine)
     app.include_router(stores_router)
     app.include_router(enrollment_router)
     app.include_router(devices_router)
     app.include_router(certificates_router)
+    app.include_router(config_router)
+    app.include_router(signing_keys_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

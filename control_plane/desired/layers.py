@@ -1,14 +1,15 @@
 """Effective configuration: layers merged with JSON merge patch (RFC 7396) semantics.
 
-Layers, lowest first: platform defaults → store. (Templates, groups, device overrides and
-rollout releases slot in between as they arrive.) A `null` in a higher layer deletes a key.
+Layers, lowest first: platform defaults → template → template role → store → groups (by
+priority, then id) → device overrides (`control_plane.desired.assembly` gathers them). A
+`null` in a higher layer deletes a key. Rollout releases will slot in on top.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,3 +71,65 @@ def effective_state(*layers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def content_hash(state: Mapping[str, Any]) -> str:
     """Identity of a desired content: a new version is issued only when this changes."""
     return hashlib.sha256(canonical_json(state)).hexdigest()
+
+
+def _pointer(parent: str, key: str) -> str:
+    return f"{parent}/{key.replace('~', '~0').replace('/', '~1')}"
+
+
+def _forget(provenance: dict[str, str], path: str) -> None:
+    prefix = path + "/"
+    for known in [p for p in provenance if p == path or p.startswith(prefix)]:
+        del provenance[known]
+
+
+def _merge_tracked(
+    target: dict[str, Any], patch: Mapping[str, Any], path: str, source: str, provenance: dict[str, str]
+) -> None:
+    for key, value in patch.items():
+        here = _pointer(path, key)
+        if value is None:
+            target.pop(key, None)
+            _forget(provenance, here)
+        elif isinstance(value, Mapping):
+            existing = target.get(key)
+            if not isinstance(existing, dict):
+                existing = {}
+                target[key] = existing
+                _forget(provenance, here)
+                provenance[here] = source  # this layer made the object
+            _merge_tracked(existing, value, here, source, provenance)
+        else:
+            target[key] = copy.deepcopy(value)
+            _forget(provenance, here)
+            provenance[here] = source
+
+
+def effective_state_with_provenance(
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """`effective_state` of `(source, layer)` pairs, plus which source set each value.
+
+    Provenance maps a JSON pointer (``/config/pos/tax``) to the source of the layer that set
+    it last, for every leaf of the result (scalars, arrays and empty objects); an object's
+    own entry is kept only when it ends up empty (then it is the layer that made it).
+    """
+    merged: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    provenance: dict[str, str] = {}
+    for source, layer in (("platform", PLATFORM_DEFAULTS), *layers):
+        for section in SECTIONS:
+            patch = layer.get(section) or {}
+            if isinstance(patch, Mapping):
+                _merge_tracked(merged[section], patch, f"/{section}", source, provenance)
+    leaves = {path: source for path, source in provenance.items() if _is_leaf(merged, path)}
+    return merged, dict(sorted(leaves.items()))
+
+
+def _is_leaf(state: Mapping[str, Any], pointer: str) -> bool:
+    node: Any = state
+    for part in pointer.lstrip("/").split("/"):
+        key = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return not isinstance(node, Mapping) or not node

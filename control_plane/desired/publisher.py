@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control_plane.clock import Clock, utc_now
-from control_plane.db.schema import desired_states, devices, stores
+from control_plane.db.schema import desired_states, devices
+from control_plane.desired.assembly import assemble
 from control_plane.desired.layers import content_hash, effective_state
 from control_plane.pki.signing_keys import SigningKeyring
 from protocol.signing import canonical_json, sign_document
@@ -54,6 +55,7 @@ class DesiredStatePublisher:
         self._requested: set[str] = set()
         self._requested_stores: set[str] = set()
         self._refill = False
+        self._refresh_everyone = False
         self._wakeup = asyncio.Event()
         self.published = 0
 
@@ -64,10 +66,17 @@ class DesiredStatePublisher:
     async def refresh_devices(self, device_ids: Iterable[str]) -> int:
         return await self._refresh(devices.c.id.in_(list(device_ids)))
 
-    def request_refresh(self, device_ids: Iterable[str] = (), *, stores: Iterable[str] = ()) -> None:
+    async def refresh_all(self) -> int:
+        """Every active device (a platform-wide change such as a signing-key rotation)."""
+        return await self._refresh(sa.true())
+
+    def request_refresh(
+        self, device_ids: Iterable[str] = (), *, stores: Iterable[str] = (), everyone: bool = False
+    ) -> None:
         """Ask for a refresh without waiting: `run()` coalesces requests into one transaction."""
         self._requested.update(device_ids)
         self._requested_stores.update(stores)
+        self._refresh_everyone |= everyone
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -75,6 +84,13 @@ class DesiredStatePublisher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._refresh_everyone:
+                self._refresh_everyone = False
+                try:
+                    await self.refresh_all()
+                except Exception:
+                    logger.exception("refresh of every device failed; retrying on the next request")
+                    self._refresh_everyone = True
             if self._requested_stores:
                 stores_due, self._requested_stores = self._requested_stores, set()
                 for store_id in stores_due:
@@ -103,39 +119,31 @@ class DesiredStatePublisher:
 
     async def _refresh(self, which: sa.ColumnElement[bool]) -> int:
         async with self._lock, self._engine.begin() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        devices.c.id,
-                        devices.c.store_id,
-                        devices.c.desired_version,
-                        devices.c.desired_hash,
-                        stores.c.config,
-                    )
-                    .join(stores, stores.c.id == devices.c.store_id)
-                    .where(which, devices.c.state == "active")
-                )
-            ).all()
+            assembled = await assemble(conn, which)
+            trusted = self._keyring.trusted()
             issued: list[dict[str, Any]] = []
             now = self._clock()
-            for row in rows:
-                state = effective_state(row.config)
-                digest = content_hash(state)
-                if digest == row.desired_hash:
+            for item in assembled:
+                state = effective_state(*(layer for _, layer in item.layers))
+                # The trusted keys are content too: a rotation must reach every device.
+                digest = content_hash({**state, "signing_keys": trusted})
+                if digest == item.desired_hash:
                     continue
                 document = sign_document(
                     {
                         "schema": SCHEMA_VERSION,
-                        "device_id": row.id,
-                        "store_id": row.store_id,
-                        "version": row.desired_version + 1,
+                        "device_id": item.device_id,
+                        "store_id": item.store_id,
+                        "version": item.desired_version + 1,
                         "issued_at": now.isoformat().replace("+00:00", "Z"),
                         "config": state["config"],
                         "policies": state["policies"],
+                        "checks": state["checks"],
+                        "signing_keys": trusted,
                     },
                     self._keyring.active,
                 )
-                issued.append({"id": row.id, "hash": digest, "document": document})
+                issued.append({"id": item.device_id, "hash": digest, "document": document})
             if not issued:
                 return 0
             await conn.execute(

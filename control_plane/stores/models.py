@@ -6,20 +6,16 @@ from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from control_plane.desired.layers import ConfigLayer
 from protocol.topics import STORE_ID_PATTERN
 
 StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN, examples=["DE-BER-0001"])]
 
 
-class StoreConfig(BaseModel):
-    """The store layer of the configuration: free-form JSON objects, merged over the defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: dict[str, Any] = Field(default_factory=dict)
-    policies: dict[str, Any] = Field(default_factory=dict)
+class StoreConfig(ConfigLayer):
+    """The store layer of the configuration: merged over the template's, under groups and devices."""
 
 
 class StoreCreate(StoreConfig):
@@ -45,7 +41,8 @@ class StoreView(BaseModel):
     region: str | None
     config: dict[str, Any]
     policies: dict[str, Any]
-    config_revision: int
+    checks: dict[str, Any] = Field(default_factory=dict)
+    config_revision: int = Field(description='the ETag of the store layer is "r<config_revision>"')
     device_count: int
     created_at: datetime
     updated_at: datetime

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response, status
 
 from control_plane.api.deps import OperatorDep, ServicesDep
+from control_plane.api.preconditions import expected_revision, set_etag
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
 from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
 
@@ -22,16 +25,30 @@ async def list_stores(services: ServicesDep, _operator: OperatorDep) -> list[Sto
 
 
 @router.get("/{store_id}")
-async def get_store(store_id: str, services: ServicesDep, _operator: OperatorDep) -> StoreView:
-    return await services.stores.get(store_id)
+async def get_store(
+    store_id: str, services: ServicesDep, _operator: OperatorDep, response: Response
+) -> StoreView:
+    """The store; its `ETag` header is the revision of its configuration layer (for If-Match)."""
+    view = await services.stores.get(store_id)
+    set_etag(response, view.config_revision)
+    return view
 
 
 @router.put("/{store_id}/config")
 async def set_store_config(
-    store_id: str, layer: StoreConfig, services: ServicesDep, operator: OperatorDep
+    store_id: str,
+    layer: StoreConfig,
+    services: ServicesDep,
+    operator: OperatorDep,
+    response: Response,
+    expected: Annotated[int | None, Depends(expected_revision)],
 ) -> StoreView:
-    """Replace the store's configuration layer; devices whose effective state changes get a new version."""
-    return await services.stores.set_config(store_id, layer, actor=operator.name)
+    """Replace the store's configuration layer; devices whose effective state changes get a new
+    version. Send the `ETag` of your read as `If-Match` to fail with 412 instead of overwriting
+    a change made meanwhile."""
+    view = await services.stores.set_config(store_id, layer, actor=operator.name, expected_revision=expected)
+    set_etag(response, view.config_revision)
+    return view
 
 
 @router.post("/{store_id}/enrollment-tokens", status_code=status.HTTP_201_CREATED)

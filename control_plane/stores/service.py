@@ -9,11 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control_plane.api.preconditions import etag_for
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import devices, stores
 from control_plane.desired.publisher import DesiredStatePublisher
-from control_plane.errors import Conflict, NotFound
+from control_plane.errors import Conflict, NotFound, PreconditionFailed
 from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class StoreService:
                         name=spec.name,
                         timezone=spec.timezone,
                         region=spec.region,
-                        config={"config": spec.config, "policies": spec.policies},
+                        config=spec.as_layer(),
                         config_revision=1,
                         created_at=now,
                         updated_at=now,
@@ -66,20 +67,37 @@ class StoreService:
     async def list_stores(self) -> list[StoreView]:
         return await self._select(sa.true())
 
-    async def set_config(self, store_id: str, layer: StoreConfig, *, actor: str) -> StoreView:
-        """Replace the store's configuration layer and push what changes to its devices."""
+    async def set_config(
+        self, store_id: str, layer: StoreConfig, *, actor: str, expected_revision: int | None = None
+    ) -> StoreView:
+        """Replace the store's configuration layer and push what changes to its devices.
+
+        With `expected_revision` (If-Match) the change applies only to that revision (412 if
+        another change came first); the check is part of the UPDATE, so two writers can't both win.
+        """
         async with self._engine.begin() as conn:
+            where = [stores.c.id == store_id]
+            if expected_revision is not None:
+                where.append(stores.c.config_revision == expected_revision)
             result = await conn.execute(
                 sa.update(stores)
-                .where(stores.c.id == store_id)
+                .where(*where)
                 .values(
-                    config={"config": layer.config, "policies": layer.policies},
+                    config=layer.as_layer(),
                     config_revision=stores.c.config_revision + 1,
                     updated_at=self._clock(),
                 )
             )
             if result.rowcount == 0:
-                raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+                revision_now = sa.select(stores.c.config_revision).where(stores.c.id == store_id)
+                current = await conn.scalar(revision_now)
+                if current is None:
+                    raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+                raise PreconditionFailed(
+                    f"store {store_id!r} configuration is at revision {current}, not {expected_revision}: "
+                    "read it again and re-apply your change",
+                    current_etag=etag_for(current),
+                )
             await self._audit.record(
                 AuditEvent(action="store.set_config", outcome=Outcome.SUCCESS, actor=actor, target=store_id),
                 connection=conn,
@@ -110,6 +128,7 @@ def _view(row: Any) -> StoreView:
         region=row["region"],
         config=layer.get("config", {}),
         policies=layer.get("policies", {}),
+        checks=layer.get("checks", {}),
         config_revision=row["config_revision"],
         device_count=row["device_count"],
         created_at=row["created_at"],
