@@ -479,8 +479,19 @@ class AgentState:
                 self._note_obtained(response.certificate_pem)
                 self._db.execute("DELETE FROM renewal")
             if private_key_pem is not None:
-                self._blobs.rename(PENDING_CERT_FILE, CERT_FILE)
-                self._blobs.rename(PENDING_KEY_FILE, KEY_FILE)
+                self._commit_reenrolled(response.certificate_pem.encode(), private_key_pem)
+
+    def _commit_reenrolled(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Make the staged re-enrolled pair current, unless a running agent (which picks up
+        staged pairs while it waits for re-enrollment) has already done so."""
+        for staged, current, expected in (
+            (PENDING_CERT_FILE, CERT_FILE, cert_pem),
+            (PENDING_KEY_FILE, KEY_FILE, key_pem),
+        ):
+            if self._blobs.read(staged) is not None:
+                self._blobs.rename(staged, current)
+            elif self._blobs.read(current) != expected:
+                raise StateError(f"the re-enrolled {current} vanished before it was installed")
 
     def signing_keys(self) -> dict[str, str]:
         """Pinned config-signing public keys, kid → PEM."""
