@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import error_body, install_error_handlers
 from control_plane.api.metrics import router as metrics_router
+from control_plane.commands.routes import device_commands_router
+from control_plane.commands.routes import router as commands_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
@@ -32,6 +34,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(enrollment_router)
     app.include_router(devices_router)
     app.include_router(certificates_router)
+    app.include_router(device_commands_router)
+    app.include_router(commands_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
