@@ -150,7 +150,9 @@ async def test_an_expired_command_is_never_run_and_shown_expired(cp: RunningCont
     assert not (tmp_path / "rebooted").exists()
 
 
-async def test_collect_logs_uploads_an_archive_the_operator_downloads_intact(cp: RunningControlPlane, tmp_path):
+async def test_collect_logs_uploads_an_archive_the_operator_downloads_intact(
+    cp: RunningControlPlane, tmp_path
+):
     await cp.create_store("ES-MAD-0004")
     enrolled = await enroll_agent(cp, "ES-MAD-0004", tmp_path / "agent")
     log_file = tmp_path / "agent.log"

@@ -28,7 +28,14 @@ from agent.identity import certificate_pem, generate_key, load_certificate, priv
 from agent.renewal import Renewer
 from agent.settings import AgentSettings
 from agent.state import COMMANDS_KEPT, AgentState
-from protocol.messages import CommandResult, CommandStatus, RenewalRequest, RenewalResponse, RenewalStatus, decode
+from protocol.messages import (
+    CommandResult,
+    CommandStatus,
+    RenewalRequest,
+    RenewalResponse,
+    RenewalStatus,
+    decode,
+)
 from protocol.signing import canonical_json, sign_document
 from tests.unit.agent.factories import DEVICE_ID, LocalCA
 
@@ -158,7 +165,8 @@ async def test_garbage_without_a_command_id_is_dropped(tmp_path, memory_state):
 
 async def test_an_expired_command_is_answered_expired_and_not_run(tmp_path, state, signing_key):
     runner, outbox = make_runner(tmp_path, state), Outbox()
-    result = await runner.process(payload(command("ping", signing_key, ttl=timedelta(seconds=-1))), outbox.send)
+    message = payload(command("ping", signing_key, ttl=timedelta(seconds=-1)))
+    result = await runner.process(message, outbox.send)
     assert result is not None
     assert (result.status, result.reason) == (CommandStatus.EXPIRED, "expired")
     assert runner.executed == 0
@@ -183,7 +191,9 @@ async def test_bad_arguments_are_rejected(tmp_path, memory_state, signing_key, n
     assert runner.executed == 0
 
 
-async def test_reboot_publishes_its_result_before_running_the_reboot_command(tmp_path, disk_state, signing_key):
+async def test_reboot_publishes_its_result_before_running_the_reboot_command(
+    tmp_path, disk_state, signing_key
+):
     marker = tmp_path / "rebooted"
     script = f"from pathlib import Path; Path({str(marker)!r}).write_text('rebooted')"
     runner = make_runner(tmp_path, disk_state, reboot_command=shlex.join([sys.executable, "-c", script]))
