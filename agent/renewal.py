@@ -311,7 +311,7 @@ class Renewer:
                 self._forced = False  # nothing to do with it over this session
                 await self._sleep(min((active.not_after - now).total_seconds(), _MAX_SLEEP_S))
                 continue
-            due = self._next_attempt(active)
+            due = self._next_attempt(active, now)
             if self.next_renewal_at != due:
                 self.next_renewal_at = due
                 await self._record(self.status if self.status == "retrying" else "scheduled")
@@ -328,9 +328,9 @@ class Renewer:
                 continue
             return
 
-    def _next_attempt(self, active: Credential) -> datetime:
+    def _next_attempt(self, active: Credential, now: datetime) -> datetime:
         if self._forced:
-            return self._clock()
+            return now
         if self._failures.retry_at is not None:
             return self._failures.retry_at
         if self._due is None or self._due.fingerprint != active.fingerprint:

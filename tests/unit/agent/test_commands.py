@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import json
 import shlex
 import ssl
@@ -347,7 +348,12 @@ async def test_the_upload_refuses_a_server_the_pinned_ca_did_not_certify(
 
 async def test_rotate_certificate_makes_the_renewer_renew_now(tmp_path, memory_state, signing_key, ca):
     settings = AgentSettings(state_dir=tmp_path, renewal_timeout_s=2.0)
-    renewer = Renewer(settings=settings, state=memory_state, device_id=DEVICE_ID)
+    ticks = itertools.count()
+
+    def clock() -> datetime:  # time moves on between any two readings, as it may for real
+        return datetime.now(UTC) + timedelta(milliseconds=next(ticks))
+
+    renewer = Renewer(settings=settings, state=memory_state, device_id=DEVICE_ID, clock=clock)
     runner = CommandRunner(
         settings=settings, state=memory_state, device_id=DEVICE_ID, renewer=renewer, applied_version=lambda: 0
     )
