@@ -18,9 +18,13 @@ from typing import Any
 
 import pytest
 
-from agent.handlers import FileConfigHandler
+from agent.enrollment import enroll
+from agent.handlers import FileConfigHandler, MemoryHandler
 from agent.health import SimulatedProbe
 from agent.runtime import Agent
+from agent.settings import AgentSettings
+from agent.state import AgentState
+from protocol.messages import DeviceInfo
 from tests.conftest import start_stack
 from tests.support.agents import EnrolledAgent, enroll_agent, running
 from tests.support.control_plane import RunningControlPlane
@@ -278,3 +282,30 @@ async def test_rotate_certificate_renews_the_device_certificate_now(cp: RunningC
                 while agent.renewer.renewals < 1:
                     await asyncio.sleep(0.1)
         assert agent.renewer.renewals == 1
+
+
+async def test_simulated_agents_with_state_in_memory_run_commands_too(cp: RunningControlPlane, tmp_path):
+    await cp.create_store("BE-BRU-0008")
+    token = await cp.create_token("BE-BRU-0008")
+    state = AgentState.in_memory()
+    await enroll(
+        server_url=cp.base_url,
+        token=token["token"],
+        state=state,
+        ca_fingerprint=token["ca_fingerprint"],
+        device=DeviceInfo(hostname="sim-00001", os="simulated"),
+        timeout_s=10,
+    )
+    device_id = state.require_enrollment().device_id
+    # A reboot command that would fail loudly if a simulated agent ever ran it.
+    settings = AgentSettings(state_dir=tmp_path / "unused", reboot_command="/nonexistent/reboot")
+    async with running(Agent(settings, state, MemoryHandler(), SimulatedProbe(3))) as agent:
+        await agent.wait_applied(1)
+        reboot = await post_command(cp, device_id, {"name": "reboot"})
+        logs = await post_command(cp, device_id, {"name": "collect_logs"})
+        views = [await wait_command(cp, c["id"], done) for c in (reboot, logs)]
+    assert [v["status"] for v in views] == ["succeeded", "succeeded"], views
+    assert views[1]["output"]["files"] == ["state.json"]
+    download = await cp.api.get(views[1]["artifact"]["download_url"])
+    assert hashlib.sha256(download.content).hexdigest() == views[1]["output"]["sha256"]
+    assert not (tmp_path / "unused").exists()  # nothing written to disk
