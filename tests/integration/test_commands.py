@@ -107,6 +107,8 @@ async def test_ping_round_trip_is_visible_in_the_api(cp: RunningControlPlane, tm
         created["id"],
         "success",
     )
+    metrics = (await cp.api.get("/metrics")).text
+    assert 'storefleet_commands_total{event="result"} 1.0' in metrics
 
 
 async def test_a_command_for_an_offline_device_runs_once_when_it_is_back(cp: RunningControlPlane, tmp_path):
