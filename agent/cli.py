@@ -233,7 +233,7 @@ async def _run_agent(settings: AgentSettings, state: AgentState) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_file)
     state = _open_state(settings)
     try:
         asyncio.run(_run_agent(settings, state))

@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Any, Literal
 
 _CONTEXT_FIELDS = ("device_id",)
@@ -54,12 +56,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: Literal["text", "json"]) -> None:
-    """Set up the root logger once, from the process entry point."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+# A log file is rotated at this size, one old generation kept (collect_logs reads the tail).
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+
+
+def configure_logging(level: str, fmt: Literal["text", "json"], file: Path | None = None) -> None:
+    """Set up the root logger once, from the process entry point; with `file`, log there too."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if file is not None:
+        handlers.append(RotatingFileHandler(file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=1))
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)
     # paho/aiomqtt narrate every packet at DEBUG; keep them at INFO unless asked.
     logging.getLogger("mqtt").setLevel(max(logging.INFO, root.level))

@@ -26,6 +26,7 @@ says how to re-enroll (`storefleet-agent reenroll`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -157,6 +158,8 @@ class Renewer:
         self._due: _Due | None = None
         self._failures = _Failures()
         self._inflight: _InFlight | None = None
+        self._forced = False  # an operator asked for a renewal now (`renew_now`)
+        self._wake = asyncio.Event()
         record = state.renewal()
         self.renewals = record.renewals
         self.last_renewed_at = record.last_renewed_at
@@ -255,6 +258,21 @@ class Renewer:
         self._fallback = False
         return False
 
+    def renew_now(self) -> None:
+        """Renew at once instead of at the scheduled time (the rotate_certificate command);
+        the running session's `run` wakes up and renews (a failure falls back to the backoff)."""
+        self._forced = True
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, unless `renew_now` wakes us."""
+        self._wake.clear()
+        if self._forced:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._wake.wait()
+
     # --- the exchange -------------------------------------------------------------------
 
     def deliver(self, payload: bytes) -> None:
@@ -290,25 +308,29 @@ class Renewer:
             if not active.usable(now):
                 raise CertificateExpired(self.expired_message(active.not_after))
             if not can_renew:
-                await asyncio.sleep(min((active.not_after - now).total_seconds(), _MAX_SLEEP_S))
+                self._forced = False  # nothing to do with it over this session
+                await self._sleep(min((active.not_after - now).total_seconds(), _MAX_SLEEP_S))
                 continue
-            due = self._next_attempt(active)
+            due = self._next_attempt(active, now)
             if self.next_renewal_at != due:
                 self.next_renewal_at = due
                 await self._record(self.status if self.status == "retrying" else "scheduled")
             if now < due:
                 wait = (min(due, active.not_after) - now).total_seconds()
-                await asyncio.sleep(min(max(wait, 0.0), _MAX_SLEEP_S))
+                await self._sleep(min(max(wait, 0.0), _MAX_SLEEP_S))
                 continue
             try:
                 await self._renew(send)
             except RenewalFailed as exc:
+                self._forced = False
                 self._failed(exc)
                 await self._record("retrying")
                 continue
             return
 
-    def _next_attempt(self, active: Credential) -> datetime:
+    def _next_attempt(self, active: Credential, now: datetime) -> datetime:
+        if self._forced:
+            return now
         if self._failures.retry_at is not None:
             return self._failures.retry_at
         if self._due is None or self._due.fingerprint != active.fingerprint:
@@ -362,6 +384,7 @@ class Renewer:
             )
         cert_pem = await self._state.io(self._verified, response, inflight.key)
         await self._state.io(self._state.stage_credentials, private_key_pem(inflight.key), cert_pem)
+        self._forced = False
         self.log.info(
             "received a renewed certificate valid until %s; reconnecting with it",
             response.not_after.isoformat() if response.not_after else "?",

@@ -6,9 +6,10 @@
         └─ connect (mTLS, persistent session, will = offline)           ← backoff + jitter
           ├─ CONNACK with a staged pair → commit it (Renewer.connected)
           ├─ publish status online (retained, QoS 1)
-          ├─ subscribe to its desired and renew/result topics (QoS 1)
+          ├─ subscribe to its desired, renew/result and cmd topics (QoS 1)
           ├─ desired loop: message → Reconciler → ReportedState (QoS 1)
           ├─ health loop: HealthReport every interval (QoS 0, persisted seq)
+          ├─ command loop: cmd message → CommandRunner → CommandResult (QoS 1)
           └─ renewal loop: at ~2/3 of the certificate's life, renew over this session;
              renewed pair staged → clean DISCONNECT (no offline, no will) and reconnect
              with it at once; refused at connect → the previous pair, at once
@@ -39,6 +40,7 @@ import aiomqtt
 
 from agent import AGENT_VERSION
 from agent.backoff import backoff_delay
+from agent.commands import CommandRunner
 from agent.errors import AgentError, CertificateExpired, StateError
 from agent.handlers import ApplyHandler
 from agent.health import HealthProbe, HealthSample
@@ -115,6 +117,14 @@ class Agent:
             settings=settings, state=state, device_id=self.device_id, log=self.log, rng=self._rng
         )
         self.topics = {kind: device_topic(self.device_id, kind) for kind in TopicKind}
+        self.commands = CommandRunner(
+            settings=settings,
+            state=state,
+            device_id=self.device_id,
+            renewer=self.renewer,
+            applied_version=lambda: self.applied_version,
+            log=self.log,
+        )
 
     def _reconciler(self) -> Reconciler:
         return Reconciler(
@@ -299,6 +309,7 @@ class Agent:
                         [
                             (self.topics[TopicKind.DESIRED], QOS_AT_LEAST_ONCE),
                             (self.topics[TopicKind.RENEW_RESULT], QOS_AT_LEAST_ONCE),
+                            (self.topics[TopicKind.COMMAND], QOS_AT_LEAST_ONCE),
                         ],
                         timeout=math.inf,
                     )
@@ -317,6 +328,7 @@ class Agent:
                         self._renewal_loop(client, busy, can_renew=can_renew),
                         name=f"renewal:{self.device_id}",
                     ),
+                    asyncio.create_task(self._command_loop(client), name=f"commands:{self.device_id}"),
                 )
             except CertificateExpired:
                 # Going away for good (until re-enrolled): say so, unlike a renewal reconnect.
@@ -325,6 +337,7 @@ class Agent:
                 raise
             except asyncio.CancelledError:
                 self._connected.clear()
+                self.commands.shutdown()
                 await self._say_goodbye(client)
                 raise
             finally:
@@ -375,12 +388,21 @@ class Agent:
         await busy.acquire()
         raise CredentialsStaged
 
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        async def send(payload: bytes) -> None:
+            await self._publish(client, TopicKind.COMMAND_RESULT, payload, qos=QOS_AT_LEAST_ONCE)
+
+        await self.commands.run(send)
+
     async def _desired_loop(self, client: aiomqtt.Client, busy: asyncio.Lock) -> None:
         desired_topic = self.topics[TopicKind.DESIRED]
         renewal_topic = self.topics[TopicKind.RENEW_RESULT]
         async for message in client.messages:
             if message.topic.matches(renewal_topic):
                 self.renewer.deliver(_payload_bytes(message.payload))
+                continue
+            if message.topic.matches(self.topics[TopicKind.COMMAND]):
+                self.commands.deliver(_payload_bytes(message.payload))
                 continue
             if not message.topic.matches(desired_topic):
                 continue

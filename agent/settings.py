@@ -58,6 +58,16 @@ class AgentSettings(BaseSettings):
     # credentials this often.
     expired_recheck_s: float = Field(default=60.0, gt=0)
 
+    # Operator commands (agent/commands.py). `reboot`: this command line is run (no shell)
+    # after the result is published. `collect_logs`: the newest lines of `log_file` when the
+    # agent logs to a file, else of the journal of `journal_unit`; each source is capped at
+    # `collect_logs_max_bytes` before compression (the control plane takes 5 MiB by default).
+    reboot_command: str = "systemctl reboot"
+    journal_unit: str = "storefleet-agent"
+    collect_logs_max_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Also write the log to this file (and collect_logs reads it from there).
+    log_file: Path | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

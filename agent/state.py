@@ -62,6 +62,7 @@ PENDING_KEY_FILE = "device.next.key"
 PENDING_CERT_FILE = "device.next.pem"
 SCHEMA = 1  # additive tables (credentials, renewal) keep it: an older agent ignores them
 _SINGLETON = 1  # primary key of one-row tables
+COMMANDS_KEPT = 200  # results of executed operator commands remembered (idempotency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,7 @@ class AgentState:
                 pk="id",
                 if_not_exists=True,
             )
+            self._create_command_table()
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
 
     def _table(self, name: str) -> Table:
@@ -539,6 +541,39 @@ class AgentState:
             )
             row = self._db.execute("SELECT value FROM counters WHERE name = 'health_seq'").fetchone()
         return int(row[0])
+
+    # --- operator commands -------------------------------------------------------------
+
+    def _create_command_table(self) -> None:
+        # The results of the commands this device ran (by command id), so a re-delivered
+        # command is answered from here and never run twice. The newest COMMANDS_KEPT only.
+        self._table("command_results").create(
+            {"command_id": str, "result": str, "at": str}, pk="command_id", if_not_exists=True
+        )
+
+    def command_result(self, command_id: str) -> bytes | None:
+        """The result (CommandResult JSON) recorded for `command_id`, if it ran here."""
+        with self._lock, self._translate("read a command result"):
+            row = self._row("command_results", command_id)
+        return str(row["result"]).encode() if row is not None else None
+
+    def record_command_result(self, command_id: str, result: bytes) -> None:
+        with self._lock, self._translate("record a command result"), self._db.atomic():
+            self._table("command_results").upsert(
+                {"command_id": command_id, "result": result.decode(), "at": datetime.now(UTC).isoformat()},
+                pk="command_id",
+            )
+            self._db.execute(
+                "DELETE FROM command_results WHERE command_id NOT IN "
+                "(SELECT command_id FROM command_results ORDER BY at DESC, rowid DESC LIMIT ?)",
+                [COMMANDS_KEPT],
+            )
+
+    def command_ids(self) -> list[str]:
+        """Ids of the commands recorded here, newest first."""
+        with self._lock, self._translate("read the command results"):
+            rows = self._db.execute("SELECT command_id FROM command_results ORDER BY at DESC, rowid DESC")
+            return [str(row[0]) for row in rows.fetchall()]
 
 
 def _pair_matches(cert_pem: bytes, key_pem: bytes) -> bool:

@@ -9,6 +9,7 @@ maps these to HTTP once.
     ├── EnrollmentRefused         (401) token unknown, expired, used up, revoked, wrong store
     ├── CSRRejected               (422) CSR malformed, badly signed or with a weak key
     ├── InvalidInput              (422) a value the schema allows but the rules do not
+    ├── PayloadTooLarge           (413) an upload over its size limit
     ├── RateLimited               (429) too many requests from one source
     └── CAUnavailable             (503) the CA backend cannot sign now
 """
@@ -60,6 +61,10 @@ class CSRRejected(StorefleetError):
 
 class InvalidInput(StorefleetError):
     code = "invalid_input"
+
+
+class PayloadTooLarge(StorefleetError):
+    code = "payload_too_large"
 
 
 class RateLimited(StorefleetError):

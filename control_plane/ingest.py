@@ -26,6 +26,7 @@ from control_plane.db.schema import devices
 from protocol.errors import ProtocolError
 from protocol.messages import (
     ApplyStatus,
+    CommandResult,
     ConnectionState,
     DeviceStatus,
     HealthReport,
@@ -46,6 +47,7 @@ _MODELS: dict[TopicKind, type[Message]] = {
     TopicKind.HEALTH: HealthReport,
     TopicKind.STATUS: DeviceStatus,
     TopicKind.RENEW: RenewalRequest,
+    TopicKind.COMMAND_RESULT: CommandResult,
 }
 
 
@@ -74,10 +76,20 @@ class Ingest:
         self.coalesced = 0
         self.flushes = 0
         self._on_renewal: Callable[[RenewalRequest], None] | None = None
+        self._on_command_result: Callable[[CommandResult], None] | None = None
+        self._on_online: Callable[[str], None] | None = None
 
     def route_renewals(self, handler: Callable[[RenewalRequest], None]) -> None:
         """Hand validated renewal requests (device id = topic id) to `handler`, which must not block."""
         self._on_renewal = handler
+
+    def route_commands(
+        self, handler: Callable[[CommandResult], None], *, on_online: Callable[[str], None] | None = None
+    ) -> None:
+        """Hand validated command results to `handler`, and the ids of devices that say they
+        are online to `on_online` (open commands are sent again); neither may block."""
+        self._on_command_result = handler
+        self._on_online = on_online
 
     @property
     def pending(self) -> int:
@@ -113,6 +125,13 @@ class Ingest:
             self.accepted[parsed.kind.value] += 1
             self._on_renewal(message)
             return
+        if isinstance(message, CommandResult):
+            if self._on_command_result is None:
+                self.rejected["commands_unavailable"] += 1
+                return
+            self.accepted[parsed.kind.value] += 1
+            self._on_command_result(message)
+            return
         self.accepted[parsed.kind.value] += 1
         # Liveness and ordering use the time *we* received it: store devices' clocks drift.
         self._received[(parsed.kind, parsed.device_id)] = utc_now()
@@ -141,6 +160,8 @@ class Ingest:
                 )
         elif isinstance(message, DeviceStatus):
             self._status[message.device_id] = message
+            if message.state is ConnectionState.ONLINE and self._on_online is not None:
+                self._on_online(message.device_id)
         if self.pending >= self._batch_size:
             self._wakeup.set()
 

@@ -27,6 +27,7 @@ from control_plane.auth.api_keys import ApiKeys
 from control_plane.broker.embedded import EmbeddedBroker
 from control_plane.broker.mosquitto_log import MosquittoLogWatcher
 from control_plane.certificates.renewal import RenewalService
+from control_plane.commands.service import UPLOAD_KEY_FILE, CommandService, load_or_create_upload_key
 from control_plane.db.engine import create_engine, migrate
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.desired.service import ConfigService
@@ -70,6 +71,7 @@ class Services:
     enroll_limiter: RateLimiter
     ca: CAGateway
     config: ConfigService
+    commands: CommandService
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -180,6 +182,22 @@ class ControlPlane:
             workers=s.renewal_workers,
         )
         ingest.route_renewals(renewals.submit)
+        s.artifacts_dir.mkdir(mode=0o700, exist_ok=True)
+        commands = CommandService(
+            engine=engine,
+            keyring=keyring,
+            link=link,
+            audit=audit,
+            artifacts_dir=s.artifacts_dir,
+            upload_key=load_or_create_upload_key(s.pki_dir / UPLOAD_KEY_FILE),
+            base_url=self.base_url,
+            default_ttl=timedelta(seconds=s.command_default_ttl_s),
+            max_ttl=timedelta(seconds=s.command_max_ttl_s),
+            sweep_interval_s=s.command_sweep_interval_s,
+            resend_after=timedelta(seconds=s.command_resend_after_s),
+            artifact_max_bytes=s.artifact_max_bytes,
+        )
+        ingest.route_commands(commands.submit_result, on_online=commands.device_online)
         registry = RevocationRegistry(engine=engine, gateway=gateway, crl_path=s.pki_dir / "crl.pem")
         self._services = Services(
             engine=engine,
@@ -215,6 +233,7 @@ class ControlPlane:
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
+            commands=commands,
         )
 
     async def close(self) -> None:
@@ -271,6 +290,7 @@ class ControlPlane:
                     ),
                     group.create_task(services.link.run(), name="broker-link"),
                     group.create_task(services.renewals.run(), name="renewals"),
+                    group.create_task(services.commands.run(), name="commands"),
                 ]
                 try:
                     await self._serve_http()

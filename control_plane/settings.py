@@ -53,6 +53,15 @@ class ControlPlaneSettings(BaseSettings):
     renewal_queue_size: int = Field(default=1000, gt=0)
     renewal_workers: int = Field(default=2, ge=1)
     log_format: str = Field(default="text", pattern="^(text|json)$")
+    # Operator commands (control_plane/commands): default and longest time to live; how often
+    # expired ones are closed and undelivered ones sent again; a sent command still without a
+    # result is sent again after this long (the agent answers a repeat from its record);
+    # the largest log archive a device may upload.
+    command_default_ttl_s: float = Field(default=600.0, gt=0)
+    command_max_ttl_s: float = Field(default=7 * 86_400.0, gt=0)
+    command_sweep_interval_s: float = Field(default=5.0, gt=0)
+    command_resend_after_s: float = Field(default=60.0, gt=0)
+    artifact_max_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.
@@ -133,3 +142,8 @@ class ControlPlaneSettings(BaseSettings):
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Files devices uploaded for commands (collect_logs archives), 0600 each."""
+        return self.data_dir / "artifacts"

@@ -12,6 +12,8 @@ from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import error_body, install_error_handlers
 from control_plane.api.idempotency import IdempotencyMiddleware
 from control_plane.api.metrics import router as metrics_router
+from control_plane.commands.routes import device_commands_router
+from control_plane.commands.routes import router as commands_router
 from control_plane.desired.routes import router as config_router
 from control_plane.desired.routes import signing_keys_router
 from control_plane.devices.routes import certificates_router
@@ -38,6 +40,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(certificates_router)
     app.include_router(config_router)
     app.include_router(signing_keys_router)
+    app.include_router(device_commands_router)
+    app.include_router(commands_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

@@ -16,6 +16,7 @@ from control_plane.errors import (
     EnrollmentRefused,
     InvalidInput,
     NotFound,
+    PayloadTooLarge,
     PreconditionFailed,
     RateLimited,
     StorefleetError,
@@ -29,6 +30,7 @@ STATUS_BY_ERROR: dict[type[StorefleetError], int] = {
     EnrollmentRefused: 401,
     CSRRejected: 422,
     InvalidInput: 422,
+    PayloadTooLarge: 413,
     RateLimited: 429,
     CAUnavailable: 503,
 }

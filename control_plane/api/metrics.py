@@ -76,6 +76,16 @@ async def render(services: Services) -> bytes:
         renewals.labels(outcome=outcome).inc(count)
     for reason, count in renewal.refused.items():
         renewals.labels(outcome=f"refused_{reason}").inc(count)
+    commands = Counter(
+        "storefleet_commands", "Operator command sends and device results", ["event"], registry=registry
+    )
+    for event, count in (
+        ("sent", services.commands.sent),
+        ("result", services.commands.results),
+        ("duplicate_result", services.commands.duplicate_results),
+        ("dropped_result", services.commands.dropped_results),
+    ):
+        commands.labels(event=event).inc(count)
     audit_dropped = Counter(
         "storefleet_audit_dropped", "Audit records lost to a full queue", registry=registry
     )

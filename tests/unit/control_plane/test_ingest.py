@@ -77,3 +77,41 @@ async def test_liveness_uses_receive_time_not_the_device_clock(ingest, tmp_path)
     assert row.online is True
     assert abs((row.last_seen_at - datetime.now(UTC)).total_seconds()) < 5
     assert row.health_seq == 7
+
+
+def _result(device_id: str, command_id: str = "cmd-00000001") -> bytes:
+    return json.dumps(
+        {"schema": 1, "device_id": device_id, "command_id": command_id, "status": "succeeded"}
+    ).encode()
+
+
+def _status(device_id: str, state: str) -> bytes:
+    return json.dumps({"schema": 1, "device_id": device_id, "state": state}).encode()
+
+
+async def test_command_results_and_online_devices_are_routed_to_the_command_worker(ingest):
+    results, online = [], []
+    ingest.route_commands(results.append, on_online=online.append)
+
+    ingest.handle("sf/v1/dev/dev-abc/cmd/result", _result("dev-abc"))
+    ingest.handle("sf/v1/dev/dev-abc/cmd/result", b'{"schema": 1, "device_id": "dev-abc"}')
+    ingest.handle("sf/v1/dev/dev-abc/status", _status("dev-abc", "online"))
+    ingest.handle("sf/v1/dev/dev-def/status", _status("dev-def", "offline"))
+
+    assert [(r.device_id, r.command_id) for r in results] == [("dev-abc", "cmd-00000001")]
+    assert ingest.rejected["invalid_message"] == 1
+    assert online == ["dev-abc"]
+
+
+async def test_a_command_result_for_another_device_is_refused_and_audited(ingest):
+    results: list[object] = []
+    ingest.route_commands(results.append)
+
+    ingest.handle("sf/v1/dev/dev-abc/cmd/result", _result("dev-victim"))
+    await ingest._audit.flush()
+
+    assert results == []
+    assert ingest.rejected["device_id_mismatch"] == 1
+    [record] = await ingest._audit.records(action="mqtt.identity_mismatch")
+    assert record["actor"] == "dev-abc"
+    assert record["detail"]["payload_device_id"] == "dev-victim"
