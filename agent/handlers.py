@@ -64,8 +64,6 @@ class Output:
 
 @runtime_checkable
 class FileHandler(Protocol):
-    name: str
-
     def render(self, desired: DesiredState) -> list[Output]:
         """The files `desired` becomes; raise `InvalidConfig` if its section is not acceptable.
         Pure: no side effects (the pipeline calls it to validate, then to install)."""
@@ -74,18 +72,12 @@ class FileHandler(Protocol):
 
 @runtime_checkable
 class ApplyHandler(Protocol):
-    name: str
-
-    def validate(self, desired: DesiredState) -> None:
-        """Raise `InvalidConfig` if `desired` cannot be applied; change nothing."""
-        ...
+    """An imperative handler. Optionally also ``validate(desired)`` (raise `InvalidConfig`,
+    change nothing) and ``async revert(previous)`` (put `previous`, None if nothing was
+    applied yet, back in force after a later step failed); the pipeline calls them if present."""
 
     async def apply(self, desired: DesiredState) -> None:
         """Make `desired` take effect, or raise `ApplyError` with the previous state in force."""
-        ...
-
-    async def revert(self, previous: DesiredState | None) -> None:
-        """Put `previous` (None: nothing applied yet) back in force after a later step failed."""
         ...
 
 

@@ -65,6 +65,9 @@ COMMITTED = "committed"
 REVERTING = "reverting"
 DONE = "done"
 
+# A health report carries at most this many check results (protocol.messages.HealthReport).
+MAX_CHECKS = 64
+
 # The post-apply check: given the new document, None if healthy, else what failed.
 Verify = Callable[[DesiredState], Awaitable[str | None]]
 # Called with the name of each step once it is done (fault injection in tests).
@@ -102,11 +105,15 @@ class ApplyPipeline:
 
     def validate(self, desired: DesiredState) -> list[Output]:
         """Every handler's verdict on `desired` (raise `InvalidConfig`); the files it becomes."""
+        if len(desired.checks) > MAX_CHECKS:
+            raise InvalidConfig(f"{len(desired.checks)} app checks; at most {MAX_CHECKS}")
         outputs: list[Output] = []
         for handler in self.file_handlers:
             outputs.extend(handler.render(desired))
         for apply_handler in self.apply_handlers:
-            apply_handler.validate(desired)
+            validate = getattr(apply_handler, "validate", None)
+            if validate is not None:
+                validate(desired)
         paths = [output.path for output in outputs]
         if len(set(paths)) != len(paths):
             raise InvalidConfig("two handlers want to write the same file")
@@ -168,9 +175,10 @@ class ApplyPipeline:
         try:
             for directory in directories:
                 directory.mkdir(parents=True, exist_ok=True)
-            for output, entry in zip(outputs, entries, strict=True):
+            for index, (output, entry) in enumerate(zip(outputs, entries, strict=True)):
                 write_new(Path(entry["tmp"]), output.data, mode=output.mode)
                 entry["existed"] = _backup(output.path, Path(entry["backup"]))
+                self._file_step(f"staged:{index}")
             for directory in directories:
                 fsync_dir(directory)
         except OSError as exc:
@@ -206,10 +214,13 @@ class ApplyPipeline:
         self, applied: list[ApplyHandler], previous: DesiredState | None, entries: list[dict[str, Any]]
     ) -> None:
         for handler in reversed(applied):
+            revert = getattr(handler, "revert", None)
+            if revert is None:
+                continue
             try:
-                await handler.revert(previous)
+                await revert(previous)
             except Exception:
-                self._log.exception("handler %s could not revert", handler.name)
+                self._log.exception("handler %r could not revert", handler)
         if entries:
             await self._off_loop(self._restore, entries)
 
@@ -268,7 +279,9 @@ class ApplyPipeline:
 
     async def _off_loop(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Run file work on a thread; if cancelled meanwhile, let it finish first (it holds
-        the journal), then re-raise."""
+        the journal), then re-raise. In-memory state (bound to the loop's thread): inline."""
+        if not self._state.on_disk:
+            return fn(*args)
         work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:
             return await asyncio.shield(work)
