@@ -59,7 +59,11 @@ async def test_file_handlers_write_every_file(tmp_path, pipeline):
         policies={"screen_lock_timeout_s": 300, "usb_storage": False, "vendor_x": 1},
     )
     assert read_json(config_dir / CONFIG_FILE) == {"pos": {"currency": "EUR"}, "env": {"POS_CURRENCY": "EUR"}}
-    assert read_json(config_dir / POLICIES_FILE) == {"screen_lock_timeout_s": 300, "usb_storage": False, "vendor_x": 1}
+    assert read_json(config_dir / POLICIES_FILE) == {
+        "screen_lock_timeout_s": 300,
+        "usb_storage": False,
+        "vendor_x": 1,
+    }
     assert 'POS_CURRENCY="EUR"' in (config_dir / ENV_FILE).read_text().splitlines()
     enforced = read_json(config_dir / ENFORCED_POLICY_FILE)
     assert enforced["version"] == 1
@@ -72,7 +76,9 @@ async def test_file_handlers_write_every_file(tmp_path, pipeline):
     assert read_json(config_dir / CONFIG_FILE) == {"pos": {"currency": "CHF"}}
     assert read_json(config_dir / POLICIES_FILE) == {}
     # No env any more: the file stays, empty of variables, so apps see the removal.
-    assert [line for line in (config_dir / ENV_FILE).read_text().splitlines() if not line.startswith("#")] == []
+    assert [
+        line for line in (config_dir / ENV_FILE).read_text().splitlines() if not line.startswith("#")
+    ] == []
     assert tmp_files(config_dir) == []
 
 
@@ -114,12 +120,21 @@ async def test_readers_only_ever_see_a_complete_config(tmp_path, pipeline):
 
 
 def env_lines(version=1, **env):
-    data = EnvFileHandler(__import__("pathlib").Path("/x")).render(desired(version, config={"env": env}))[0].data
+    data = (
+        EnvFileHandler(__import__("pathlib").Path("/x")).render(desired(version, config={"env": env}))[0].data
+    )
     return data.decode().splitlines()
 
 
 def test_env_file_quotes_values_so_neither_systemd_nor_a_shell_expands_them(tmp_path):
-    env = {"PLAIN": "eur", "SPACES": " a b ", "QUOTE": 'say "hi"', "DOLLAR": "$HOME", "BACKSLASH": "a\\b", "TICK": "`id`"}
+    env = {
+        "PLAIN": "eur",
+        "SPACES": " a b ",
+        "QUOTE": 'say "hi"',
+        "DOLLAR": "$HOME",
+        "BACKSLASH": "a\\b",
+        "TICK": "`id`",
+    }
     path = tmp_path / ENV_FILE
     path.write_bytes(EnvFileHandler(tmp_path).render(desired(4, config={"env": env}))[0].data)
     assert path.read_text().startswith("# storefleet desired state version 4")

@@ -51,7 +51,9 @@ def versions_on_disk(config_dir):
         elif name == POLICIES_FILE:
             found[name] = json.loads(path.read_text())["screen_lock_timeout_s"] - 100
         elif name == ENV_FILE:
-            found[name] = int(next(l for l in path.read_text().splitlines() if l.startswith("SF_VERSION="))[12:-1])
+            found[name] = int(
+                next(line for line in path.read_text().splitlines() if line.startswith("SF_VERSION="))[12:-1]
+            )
         else:
             found[name] = json.loads(path.read_text())["version"]
     return found
@@ -127,7 +129,8 @@ async def test_handler_failure_reverts_every_handler(disk_state, config_dir):
 
     assert caught.value.detail == "pos-app exited with status 3"
     assert versions_on_disk(config_dir) == whole(1)
-    assert memory.applied.version == 1 and memory.reverts == 1
+    assert memory.applied.version == 1
+    assert memory.reverts == 1
     assert failing.reverted_to == 1
     assert disk_state.applied().version == 1
     assert disk_state.journal() is None
@@ -183,7 +186,9 @@ async def test_a_cancelled_apply_is_reverted_before_the_cancellation_goes_on(dis
     assert disk_state.journal() is None
 
 
-async def test_a_file_that_cannot_be_replaced_fails_the_apply_and_keeps_the_old_set(disk_state, make, config_dir):
+async def test_a_file_that_cannot_be_replaced_fails_the_apply_and_keeps_the_old_set(
+    disk_state, make, config_dir
+):
     pipeline = make()
     await apply(pipeline, 1)
     (config_dir / POLICIES_FILE).unlink()
@@ -225,7 +230,9 @@ def test_the_crash_steps_are_the_steps_the_pipeline_takes(disk_state, make):
 
 @pytest.mark.parametrize("previous", [1, None], ids=["update", "first-apply"])
 @pytest.mark.parametrize("step", STEPS)
-async def test_a_crash_at_any_step_recovers_to_one_whole_version(tmp_path, disk_state, config_dir, step, previous):
+async def test_a_crash_at_any_step_recovers_to_one_whole_version(
+    tmp_path, disk_state, config_dir, step, previous
+):
     if previous is not None:
         await apply(ApplyPipeline(disk_state, default_handlers(config_dir)), previous)
 

@@ -19,8 +19,8 @@ from agent.health import SimulatedProbe
 from agent.runtime import Agent
 from agent.settings import AgentSettings
 from agent.state import AgentState
-from protocol.messages import HealthReport
 from agent.tls import broker_client_context
+from protocol.messages import HealthReport
 from protocol.topics import TopicKind
 from tests.unit.agent.broker_support import TIMEOUT_S, fast_settings
 from tests.unit.agent.factories import signed_desired
