@@ -290,6 +290,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     "last_error": renewal.last_error,
                 },
                 "signing_keys": sorted(state.signing_keys()),
+                "interrupted_apply": journal.version if (journal := state.journal()) is not None else None,
+                "health_reports_queued": state.health_backlog(),
                 "state_dir": str(settings.state_dir),
             }
         )

@@ -145,6 +145,15 @@ async def test_agent_killed_mid_apply_recovers_one_whole_version_and_converges(e
     assert killed[CONFIG_FILE] == 2
     assert 1 in killed.values(), f"not killed mid-apply: {killed}"  # a mix on disk right now
     assert journal_rows(state_dir) == 1
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [BIN / "storefleet-agent", "status", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(status.stdout)["interrupted_apply"] == 2
 
     # Restart where the broker is unreachable: only the start-up recovery can act.
     agent = AgentProcess(state_dir, log, broker_port=str(free_port()))
