@@ -198,10 +198,11 @@ class Agent:
     # --- the session -------------------------------------------------------------------
 
     async def run(self) -> None:
-        pipeline = self.reconciler.pipeline
-        outcome = await asyncio.to_thread(pipeline.recover) if self.state.on_disk else pipeline.recover()
-        if outcome is not None:
-            self.log.warning("interrupted apply: %s", outcome)
+        pipeline = self.reconciler.pipeline  # recovery logs what it did
+        if self.state.on_disk:
+            await asyncio.to_thread(pipeline.recover)
+        else:
+            pipeline.recover()
         await _until_one_fails(
             asyncio.create_task(self._connect_forever(), name=f"session:{self.device_id}"),
             asyncio.create_task(self._health_loop(), name=f"health:{self.device_id}"),
