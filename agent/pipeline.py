@@ -99,7 +99,6 @@ class ApplyPipeline:
         self._step_delay_s = step_delay_s
         self._on_step = on_step
         self._log = log or logger
-        self._recovered = False
 
     # --- validate ----------------------------------------------------------------------
 
@@ -131,35 +130,34 @@ class ApplyPipeline:
     ) -> None:
         """Install `desired` (its raw signed `document` becomes last-known-good), or raise with
         `previous` still in force. `signing_keys`: the pinned set to adopt with it."""
-        if not self._recovered:
-            self._recovered = True
-            if self._state.on_disk:
-                await self._off_loop(self.recover)
+        if self.file_handlers or self._state.on_disk:
+            # A journal left by a crash, or by an apply cancelled mid-way: one SELECT if none.
+            await self._off_loop(self.recover)
         outputs = self.validate(desired)
-        entries: list[dict[str, Any]] = []
-        if outputs:
-            entries = await self._off_loop(self._install, desired.version, outputs)
         applied: list[ApplyHandler] = []
         try:
+            if outputs:
+                await self._off_loop(self._install, desired.version, outputs)
             for handler in self.apply_handlers:
                 applied.append(handler)  # a half-done apply is reverted too
                 await handler.apply(desired)
             self._step("handlers")
             await self._verify(desired)
             self._step("verified")
-            await self._state.io(self._state.finish_apply, desired.version, document, signing_keys)
+            # Not interruptible: once it started, it completes (then the journal says done).
+            await self._off_loop(self._state.finish_apply, desired.version, document, signing_keys)
             self._step("recorded")
         except (ApplyError, asyncio.CancelledError):
             # Cancelled (shutdown, lost session): revert now rather than leave it to recovery.
-            await self._shielded_revert(applied, previous, entries)
+            await self._shielded_revert(applied, previous)
             raise
         except Exception as exc:
-            await self._shielded_revert(applied, previous, entries)
+            await self._shielded_revert(applied, previous)
             raise ApplyError(f"{type(exc).__name__}: {exc}") from exc
-        if entries:
-            await self._off_loop(self._clean, entries)
+        if outputs:
+            await self._off_loop(self._finish)
 
-    def _install(self, version: int, outputs: list[Output]) -> list[dict[str, Any]]:
+    def _install(self, version: int, outputs: list[Output]) -> None:
         entries: list[dict[str, Any]] = [
             {
                 "target": str(output.path),
@@ -198,21 +196,16 @@ class ApplyPipeline:
             raise ApplyError("cannot install the configuration", detail=str(exc)) from exc
         self._state.set_journal_phase(COMMITTED)
         self._file_step("committed")
-        return entries
 
-    async def _shielded_revert(
-        self, applied: list[ApplyHandler], previous: DesiredState | None, entries: list[dict[str, Any]]
-    ) -> None:
-        revert = asyncio.ensure_future(self._revert(applied, previous, entries))
+    async def _shielded_revert(self, applied: list[ApplyHandler], previous: DesiredState | None) -> None:
+        revert = asyncio.ensure_future(self._revert(applied, previous))
         try:
             await asyncio.shield(revert)
         except asyncio.CancelledError:
             await revert  # finish putting the old version back, then go
             raise
 
-    async def _revert(
-        self, applied: list[ApplyHandler], previous: DesiredState | None, entries: list[dict[str, Any]]
-    ) -> None:
+    async def _revert(self, applied: list[ApplyHandler], previous: DesiredState | None) -> None:
         for handler in reversed(applied):
             revert = getattr(handler, "revert", None)
             if revert is None:
@@ -221,8 +214,9 @@ class ApplyPipeline:
                 await revert(previous)
             except Exception:
                 self._log.exception("handler %r could not revert", handler)
-        if entries:
-            await self._off_loop(self._restore, entries)
+        if self.file_handlers:
+            # The journal says how far the files got (nothing, staged, some or all renamed).
+            await self._off_loop(self.recover, announce=False)
 
     async def _verify(self, desired: DesiredState) -> None:
         if self.verify is not None and (failure := await self.verify(desired)) is not None:
@@ -242,12 +236,16 @@ class ApplyPipeline:
         self._state.clear_journal()
         self._file_step("cleaned")
 
+    def _finish(self) -> None:
+        journal = self._state.journal()
+        if journal is not None:
+            self._clean(journal.entries)
+
     # --- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> str | None:
+    def recover(self, *, announce: bool = True) -> str | None:
         """Finish or roll back an apply a crash interrupted (module docstring); say what was
         done, or None. Idempotent: a crash during recovery is recovered the same way."""
-        self._recovered = True
         journal = self._state.journal()
         if journal is None:
             return None
@@ -261,7 +259,8 @@ class ApplyPipeline:
         else:
             self._restore(entries)
             outcome = f"rolled back the interrupted apply of version {journal.version} (was {journal.phase})"
-        self._log.warning("apply journal at start-up: %s", outcome)
+        if announce:
+            self._log.warning("apply journal at start-up: %s", outcome)
         return outcome
 
     # --- helpers -----------------------------------------------------------------------
@@ -277,12 +276,12 @@ class ApplyPipeline:
         if self._step_delay_s > 0:
             time.sleep(self._step_delay_s)
 
-    async def _off_loop(self, fn: Callable[..., T], /, *args: Any) -> T:
+    async def _off_loop(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run file work on a thread; if cancelled meanwhile, let it finish first (it holds
         the journal), then re-raise. In-memory state (bound to the loop's thread): inline."""
         if not self._state.on_disk:
-            return fn(*args)
-        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return fn(*args, **kwargs)
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:

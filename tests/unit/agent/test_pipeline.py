@@ -301,3 +301,24 @@ async def test_the_next_apply_recovers_first_if_nobody_did(disk_state, config_di
     await apply(fresh, 3, previous=parsed(1))
     assert versions_on_disk(config_dir) == whole(3)
     assert leftovers(config_dir) == []
+
+
+async def test_an_apply_cancelled_while_files_are_being_renamed_is_reverted(disk_state, config_dir):
+    await apply(ApplyPipeline(disk_state, default_handlers(config_dir)), 1)
+    reached = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def note(name):
+        if name == "renamed:1":
+            loop.call_soon_threadsafe(reached.set)
+
+    slow = ApplyPipeline(disk_state, default_handlers(config_dir), on_step=note, step_delay_s=0.05)
+    task = asyncio.create_task(apply(slow, 2, previous=parsed(1)))
+    await reached.wait()
+    task.cancel()  # e.g. SIGTERM while the file work runs on its thread
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert versions_on_disk(config_dir) == whole(1)
+    assert disk_state.applied().version == 1
+    assert disk_state.journal() is None
+    assert leftovers(config_dir) == []
