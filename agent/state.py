@@ -63,6 +63,18 @@ PENDING_KEY_FILE = "device.next.key"
 PENDING_CERT_FILE = "device.next.pem"
 SCHEMA = 1  # additive tables (credentials, renewal) keep it: an older agent ignores them
 _SINGLETON = 1  # primary key of one-row tables
+_TABLES = frozenset(
+    {
+        "enrollment",
+        "signing_keys",
+        "applied",
+        "counters",
+        "credentials",
+        "renewal",
+        "apply_journal",
+        "health_outbox",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +234,17 @@ class AgentState:
     # --- schema ------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        with self._lock, self._translate("prepare"), self._db.atomic():
+        with self._lock, self._translate("prepare"):
+            # A second process (`storefleet-agent status` next to a running agent) must not
+            # write: its write would fail ("database is locked") when the agent committed
+            # between its read and its write, or make one of the agent's transactions fail so.
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            present = {
+                row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if version == SCHEMA and present >= _TABLES:
+                return
+        with self._lock, self._translate("prepare"), self._immediate():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA:
                 raise StateError(f"the state database has schema {version}, newer than this agent ({SCHEMA})")
@@ -272,6 +294,18 @@ class AgentState:
                 "CREATE TABLE IF NOT EXISTS health_outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL)"
             )
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """A write transaction that takes the write lock first (waits for it, never fails
+        half-way because another connection wrote meanwhile)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.conn.rollback()
+            raise
+        self._db.execute("COMMIT")
 
     def _table(self, name: str) -> Table:
         return self._db.table(name)

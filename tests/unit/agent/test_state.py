@@ -201,3 +201,34 @@ def test_a_failed_render_queues_nothing_and_keeps_the_sequence(state):
         state.enqueue_health(broken, limit=5)
     assert queue(state, 1, limit=5) == [1]
     assert [seq for seq, _ in state.queued_health(10)[0]] == [0, 1]
+
+
+def test_a_state_from_before_the_outbox_gains_its_tables(disk_state):
+    disk_state._db.execute("DROP TABLE health_outbox")
+    disk_state._db.execute("DROP TABLE apply_journal")
+    disk_state.close()
+    reopened = AgentState.open(disk_state.directory)
+    try:
+        assert reopened.enrollment() is not None
+        assert queue(reopened, 1, limit=5) == [0]
+        assert reopened.journal() is None
+    finally:
+        reopened.close()
+
+
+def test_opening_the_state_beside_a_running_agent_never_fails(disk_state):
+    """`storefleet-agent status` opens the database while the agent writes to it."""
+    stop = threading.Event()
+
+    def agent_writes():
+        while not stop.is_set():
+            disk_state.health_sent(disk_state.enqueue_health(lambda seq: "{}", limit=10))
+
+    writer = threading.Thread(target=agent_writes)
+    writer.start()
+    try:
+        for _ in range(100):
+            AgentState.open(disk_state.directory).close()
+    finally:
+        stop.set()
+        writer.join()
