@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from agent import AGENT_VERSION
 from agent.enrollment import enroll
 from agent.errors import AgentError, ConfigurationError, EnrollmentError
-from agent.handlers import FileConfigHandler
+from agent.handlers import default_handlers
 from agent.health import PsutilProbe
 from agent.identity import expiry, load_certificate
 from agent.logs import configure_logging
@@ -91,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run_cmd = commands.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     with_state_dir(run_cmd)
-    run_cmd.add_argument("--config-dir", type=Path, help="where to write config.json and policies.json")
+    run_cmd.add_argument(
+        "--config-dir",
+        type=Path,
+        help="where to write config.json, policies.json, storefleet.env and policy.enforced.json",
+    )
 
     status_cmd = commands.add_parser("status", help="print this device's enrollment and applied version")
     with_state_dir(status_cmd)
@@ -218,7 +222,7 @@ async def _serve(agent: Agent) -> None:
 
 
 async def _run_agent(settings: AgentSettings, state: AgentState) -> None:
-    agent = Agent(settings, state, FileConfigHandler(settings.config_path), PsutilProbe(settings.state_dir))
+    agent = Agent(settings, state, default_handlers(settings.config_path), PsutilProbe(settings.state_dir))
     agent.log.info(
         "storefleet-agent %s starting: store %s, broker %s:%s, config in %s",
         AGENT_VERSION,
@@ -286,6 +290,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     "last_error": renewal.last_error,
                 },
                 "signing_keys": sorted(state.signing_keys()),
+                "interrupted_apply": journal.version if (journal := state.journal()) is not None else None,
+                "health_reports_queued": state.health_backlog(),
                 "state_dir": str(settings.state_dir),
             }
         )

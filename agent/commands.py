@@ -126,6 +126,7 @@ class CommandRunner:
         log: Log | None = None,
         reboot: Reboot | None = None,
         clock: Clock = _utc_now,
+        pinned_keys: Callable[[], Mapping[str, ec.EllipticCurvePublicKey]] | None = None,
     ) -> None:
         self._settings = settings
         self._state = state
@@ -136,6 +137,9 @@ class CommandRunner:
         self._reboot = reboot or (self._run_reboot_command if state.on_disk else self._simulated_reboot)
         self._clock = clock
         self._keys: dict[str, ec.EllipticCurvePublicKey] | None = None
+        # The reconciler's live set, when given: a rotation (adding or retiring a key) takes
+        # effect for commands the moment the desired state that carried it is applied.
+        self._pinned_keys = pinned_keys
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._deferred: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
@@ -240,6 +244,8 @@ class CommandRunner:
         return command
 
     async def _trusted_keys(self, *, reload: bool) -> Mapping[str, ec.EllipticCurvePublicKey]:
+        if self._pinned_keys is not None:
+            return self._pinned_keys()
         if self._keys is None or reload:
             self._keys = trusted_keys(await self._state.io(self._state.signing_keys))
         return self._keys

@@ -9,6 +9,8 @@ are translated where they enter the agent, with ``raise ... from exc``.
     ├── NotEnrolled           the state directory holds no enrollment yet
     ├── StateError            local state is unreadable or inconsistent
     ├── ApplyError            a handler could not apply a desired state (last-known-good kept)
+    │   ├── InvalidConfig     the document is not acceptable: refused before anything changed
+    │   └── PostApplyUnhealthy the new state was installed but an app check failed: reverted
     ├── RenewalFailed         a certificate renewal got no usable answer; carries `retry_after_s`
     └── CertificateExpired    the device certificate expired: only re-enrollment brings it back
 
@@ -73,6 +75,19 @@ class ApplyError(AgentError):
     def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.detail = detail or message
+
+
+class InvalidConfig(ApplyError):
+    """A handler refuses a section of the document (reported ``rejected``/``invalid_config``)."""
+
+    code = "invalid_config"
+
+
+class PostApplyUnhealthy(ApplyError):
+    """An app check failed after the new state was installed; it was reverted
+    (reported ``failed``/``post_apply_unhealthy``)."""
+
+    code = "post_apply_unhealthy"
 
 
 class RenewalFailed(AgentError):

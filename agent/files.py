@@ -17,13 +17,20 @@ PRIVATE = 0o600
 PUBLIC = 0o644
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def sibling_name(path: Path, suffix: str = "tmp") -> Path:
+    """A fresh hidden name next to `path` (same directory, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
 
 
 def stage(path: Path, data: bytes, *, mode: int = PUBLIC) -> Path:
     """Write `data` to a fresh temporary sibling of `path`, fsynced; return its path."""
-    tmp = _tmp_name(path)
+    tmp = sibling_name(path)
+    write_new(tmp, data, mode=mode)
+    return tmp
+
+
+def write_new(tmp: Path, data: bytes, *, mode: int = PUBLIC) -> None:
+    """Create `tmp` (it must not exist) with exactly `data` and `mode`, fsynced."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed or (for PUBLIC) kept it; be exact
@@ -38,7 +45,6 @@ def stage(path: Path, data: bytes, *, mode: int = PUBLIC) -> Path:
             os.unlink(tmp)
         raise
     os.close(fd)
-    return tmp
 
 
 def fsync_dir(directory: Path) -> None:

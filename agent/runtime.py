@@ -1,6 +1,9 @@
 """`Agent`: the long-lived MQTT session of one device.
 
     run()
+     ├─ recover an apply a crash interrupted (agent/pipeline.py), before anything else
+     ├─ app checks: each check of the state in force, every interval (agent/checks.py)
+     ├─ health: a HealthReport every interval into the bounded outbox, online or not
      └─ forever: pick credentials (Renewer.select: staged renewed pair first, never an
         │        expired one; none valid → wait for re-enrollment, don't connect)
         └─ connect (mTLS, persistent session, will = offline)           ← backoff + jitter
@@ -8,8 +11,9 @@
           ├─ publish status online (retained, QoS 1)
           ├─ subscribe to its desired, renew/result and cmd topics (QoS 1)
           ├─ desired loop: message → Reconciler → ReportedState (QoS 1)
-          ├─ health loop: HealthReport every interval (QoS 0, persisted seq)
           ├─ command loop: cmd message → CommandRunner → CommandResult (QoS 1)
+          ├─ health sender: the outbox in seq order, removed once published (live
+          │  report QoS 0; a backlog after a reconnect QoS 1, in paced batches)
           └─ renewal loop: at ~2/3 of the certificate's life, renew over this session;
              renewed pair staged → clean DISCONNECT (no offline, no will) and reconnect
              with it at once; refused at connect → the previous pair, at once
@@ -33,16 +37,17 @@ import logging
 import math
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
 
 from agent import AGENT_VERSION
 from agent.backoff import backoff_delay
+from agent.checks import CheckRunner, CheckScheduler, LiveChecks, verify
 from agent.commands import CommandRunner
 from agent.errors import AgentError, CertificateExpired, StateError
-from agent.handlers import ApplyHandler
+from agent.handlers import Handler
 from agent.health import HealthProbe, HealthSample
 from agent.logs import DeviceLog
 from agent.reconciler import Reconciler, trusted_keys
@@ -50,7 +55,7 @@ from agent.renewal import Credential, CredentialsStaged, Renewer
 from agent.settings import AgentSettings
 from agent.state import AgentState
 from agent.tls import broker_client_context
-from protocol.messages import ConnectionState, DeviceStatus, HealthReport
+from protocol.messages import AppCheck, ConnectionState, DesiredState, DeviceStatus, HealthReport
 from protocol.topics import TopicKind, device_topic
 
 logger = logging.getLogger(__name__)
@@ -71,6 +76,7 @@ class AgentStats:
     desired_received: int = 0
     reports_published: int = 0
     health_published: int = 0
+    health_queued: int = 0
     last_error: str | None = None
 
 
@@ -78,19 +84,25 @@ class Agent:
     """One device's agent. Build it from an enrolled `AgentState`; `await run()` until cancelled.
 
     Observable: `connected`, `applied_version`, `reconnects`, `stats`, `needs_reenrollment`,
-    `renewer` (renewals, next_renewal_at, last_error); `wait_connected()` and
-    `wait_applied(version)`; `on_applied(version)` is called after each successful apply.
+    `renewer` (renewals, next_renewal_at, last_error), `checks` (the app checks in force and
+    their latest results); `wait_connected()` and `wait_applied(version)`; `on_applied(version)`
+    is called after each successful apply.
+
+    `handler`: one apply handler or several (`agent.handlers.default_handlers` on a device,
+    a `MemoryHandler` in the simulator). `checks`: how app checks run (`LiveChecks` by default,
+    `SimulatedChecks` in the simulator).
     """
 
     def __init__(
         self,
         settings: AgentSettings,
         state: AgentState,
-        handler: ApplyHandler,
+        handler: Handler | Sequence[Handler],
         probe: HealthProbe,
         *,
         on_applied: Callable[[int], None] | None = None,
         rng: random.Random | None = None,
+        checks: CheckRunner | None = None,
     ) -> None:
         enrollment = state.require_enrollment()
         self.settings = settings
@@ -107,12 +119,15 @@ class Agent:
         # Reconnect jitter only: not security-relevant.
         self._rng = rng or random.Random()  # noqa: S311
         self._handler = handler
+        self.checks = CheckScheduler(checks if checks is not None else LiveChecks())
+        self._health_queued = asyncio.Event()
         self._tls: dict[str, ssl.SSLContext] = {}  # by certificate fingerprint
         self._up_since: float | None = None  # loop time the current session connected
         self._connected = asyncio.Event()
         self._applied_signal = asyncio.Event()
         self._needs_reenrollment = False
         self.reconciler = self._reconciler()
+        self.checks.update(self._checks_in_force())
         self.renewer = Renewer(
             settings=settings, state=state, device_id=self.device_id, log=self.log, rng=self._rng
         )
@@ -124,6 +139,7 @@ class Agent:
             renewer=self.renewer,
             applied_version=lambda: self.applied_version,
             log=self.log,
+            pinned_keys=lambda: self.reconciler.keys,
         )
 
     def _reconciler(self) -> Reconciler:
@@ -133,7 +149,22 @@ class Agent:
             handler=self._handler,
             keys=trusted_keys(self.state.signing_keys()),
             on_applied=self._applied,
+            verify=self._verify,
+            step_delay_s=self.settings.apply_step_delay_s,
             log=self.log,
+        )
+
+    def _checks_in_force(self) -> dict[str, AppCheck]:
+        applied = self.reconciler.applied
+        return dict(applied.checks) if applied is not None else {}
+
+    async def _verify(self, desired: DesiredState) -> str | None:
+        return await verify(
+            self.checks.runner,
+            desired,
+            grace_s=self.settings.post_apply_grace_s,
+            attempts=self.settings.post_apply_attempts,
+            retry_s=self.settings.post_apply_retry_s,
         )
 
     # --- observation -------------------------------------------------------------------
@@ -165,6 +196,7 @@ class Agent:
             await self._applied_signal.wait()
 
     def _applied(self, version: int) -> None:
+        self.checks.update(self._checks_in_force())
         signal, self._applied_signal = self._applied_signal, asyncio.Event()
         signal.set()
         if self._on_applied is not None:
@@ -177,6 +209,18 @@ class Agent:
     # --- the session -------------------------------------------------------------------
 
     async def run(self) -> None:
+        pipeline = self.reconciler.pipeline  # recovery logs what it did
+        if self.state.on_disk:
+            await asyncio.to_thread(pipeline.recover)
+        else:
+            pipeline.recover()
+        await _until_one_fails(
+            asyncio.create_task(self._connect_forever(), name=f"session:{self.device_id}"),
+            asyncio.create_task(self._health_loop(), name=f"health:{self.device_id}"),
+            asyncio.create_task(self.checks.run(), name=f"checks:{self.device_id}"),
+        )
+
+    async def _connect_forever(self) -> None:
         recovered = await self.state.io(self.state.recover_credentials)
         if recovered is not None:
             self.log.warning("credentials at start-up: %s", recovered)
@@ -323,7 +367,7 @@ class Agent:
                 busy = asyncio.Lock()  # held while a desired state is applied and reported
                 await _until_one_fails(
                     asyncio.create_task(self._desired_loop(client, busy), name=f"desired:{self.device_id}"),
-                    asyncio.create_task(self._health_loop(client), name=f"health:{self.device_id}"),
+                    asyncio.create_task(self._health_sender(client), name=f"health-send:{self.device_id}"),
                     asyncio.create_task(
                         self._renewal_loop(client, busy, can_renew=can_renew),
                         name=f"renewal:{self.device_id}",
@@ -416,37 +460,73 @@ class Agent:
                 await self._publish(client, TopicKind.REPORTED, report.to_json(), qos=QOS_AT_LEAST_ONCE)
             self.stats.reports_published += 1
 
-    async def _health_loop(self, client: aiomqtt.Client) -> None:
+    async def _health_loop(self) -> None:
+        """Queue a report every interval, connected or not (the outbox bounds the backlog)."""
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            report = await self._health_report()
-            await self._publish(client, TopicKind.HEALTH, report.to_json(), qos=QOS_AT_MOST_ONCE)
-            self.stats.health_published += 1
+            await self._queue_health_report()
             next_at += self.health_interval_s
             now = loop.time()
             if next_at < now:  # we fell behind (slow probe, busy loop): don't burst
                 next_at = now + self.health_interval_s
             await asyncio.sleep(next_at - now)
 
-    async def _health_report(self) -> HealthReport:
+    async def _queue_health_report(self) -> int:
         try:
             async with asyncio.timeout(self.settings.probe_timeout_s):
                 sample = await self.probe.sample()
         except (AgentError, TimeoutError) as exc:
             self.log.warning("health probe failed: %s", exc or "timed out")
             sample = _UNMEASURED
-        seq = await self.state.io(self.state.next_health_seq)
-        return HealthReport(
-            device_id=self.device_id,
-            seq=seq,
-            cpu_percent=sample.cpu_percent,
-            memory_percent=sample.memory_percent,
-            disk_percent=sample.disk_percent,
-            uptime_s=sample.uptime_s,
-            applied_version=self.applied_version,
-            healthy=sample.healthy,
-        )
+        checks = self.checks.results()
+        applied_version = self.applied_version
+
+        def render(seq: int) -> str:
+            return HealthReport(
+                device_id=self.device_id,
+                seq=seq,
+                cpu_percent=sample.cpu_percent,
+                memory_percent=sample.memory_percent,
+                disk_percent=sample.disk_percent,
+                uptime_s=sample.uptime_s,
+                applied_version=applied_version,
+                healthy=sample.healthy and all(check.ok for check in checks),
+                checks=checks,
+            ).model_dump_json(by_alias=True)
+
+        seq = await self.state.io(self.state.enqueue_health, render, limit=self.settings.health_outbox_max)
+        self.stats.health_queued += 1
+        self._health_queued.set()
+        return seq
+
+    async def _health_sender(self, client: aiomqtt.Client) -> None:
+        """Publish the outbox oldest first; a report leaves it only once published."""
+        batch_size = self.settings.health_backlog_batch
+        while True:
+            self._health_queued.clear()
+            batch, dropped = await self.state.io(self.state.queued_health, batch_size)
+            if not batch:
+                await self._health_queued.wait()
+                continue
+            # The live report alone: QoS 0 as ever. A backlog (after being offline): QoS 1.
+            qos = QOS_AT_MOST_ONCE if len(batch) == 1 else QOS_AT_LEAST_ONCE
+            for index, (_, payload) in enumerate(batch):
+                data = payload.encode()
+                if index == 0 and dropped:
+                    data = _with_dropped(payload, dropped)
+                await self._publish(client, TopicKind.HEALTH, data, qos=qos)
+                self.stats.health_published += 1
+            await self.state.io(self.state.health_sent, batch[-1][0], dropped_reported=dropped)
+            if len(batch) > 1:
+                self.log.info("sent %d queued health reports (%d dropped before them)", len(batch), dropped)
+                await asyncio.sleep(self.settings.health_backlog_pause_s)  # pace a backlog
+
+
+def _with_dropped(payload: str, dropped: int) -> bytes:
+    """The stored report with `dropped` set (known only when it is sent)."""
+    report = HealthReport.model_validate_json(payload)
+    return report.model_copy(update={"dropped": dropped}).to_json()
 
 
 async def _until_one_fails(*tasks: asyncio.Task[None]) -> None:

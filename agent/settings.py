@@ -43,6 +43,22 @@ class AgentSettings(BaseSettings):
     http_timeout_s: float = Field(default=15.0, gt=0)
     probe_timeout_s: float = Field(default=5.0, gt=0)
 
+    # Health outbox (agent/state.py): reports wait here while offline; beyond this many the
+    # oldest are dropped (and counted in the next report's `dropped`).
+    health_outbox_max: int = Field(default=1000, ge=1)
+    # A backlog is sent in batches of this many (QoS 1), with a pause between batches.
+    health_backlog_batch: int = Field(default=50, ge=1)
+    health_backlog_pause_s: float = Field(default=0.2, ge=0)
+
+    # Post-apply check (agent/checks.py): the new document's app checks run after this grace
+    # (the store apps pick up the new configuration), up to `post_apply_attempts` times,
+    # `post_apply_retry_s` apart; still failing → reverted to last-known-good.
+    post_apply_grace_s: float = Field(default=1.0, ge=0)
+    post_apply_attempts: int = Field(default=3, ge=1)
+    post_apply_retry_s: float = Field(default=1.0, ge=0)
+    # Fault injection for crash-safety tests: pause after each file step of an apply. Keep 0.
+    apply_step_delay_s: float = Field(default=0.0, ge=0)
+
     # Certificate renewal (agent/renewal.py): at `renew_at_fraction` of the certificate's life,
     # give or take `renew_jitter_fraction` of it (drawn once per certificate), so that a fleet
     # enrolled together does not renew together.

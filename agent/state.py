@@ -7,8 +7,9 @@ so thousands of agents write no files.
 
 It holds: the enrollment (device id, store, broker, health interval), the pinned
 config-signing keys, the applied desired state (version + the raw signed document, i.e.
-last-known-good) and the health sequence number, which survives restarts so the control
-plane can order reports.
+last-known-good), the journal of an apply in progress (`agent.pipeline`), and the health
+outbox: reports wait there, bounded, until they are published, with a sequence number
+that survives restarts so the control plane can order them.
 
 Renewed credentials are staged next to the current ones (``device.next.key`` first, then
 ``device.next.pem``) and committed by renaming them over ``device.pem`` then ``device.key``
@@ -63,6 +64,19 @@ PENDING_CERT_FILE = "device.next.pem"
 SCHEMA = 1  # additive tables (credentials, renewal) keep it: an older agent ignores them
 _SINGLETON = 1  # primary key of one-row tables
 COMMANDS_KEPT = 200  # results of executed operator commands remembered (idempotency)
+_TABLES = frozenset(
+    {
+        "enrollment",
+        "signing_keys",
+        "applied",
+        "counters",
+        "credentials",
+        "renewal",
+        "apply_journal",
+        "health_outbox",
+        "command_results",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,16 @@ class Applied:
     version: int = 0
     document: dict[str, Any] | None = None
     applied_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """An apply in progress: the version being installed, how far it got (`phase`) and
+    `entries`, one per file: target, staged temporary, backup, whether the target existed."""
+
+    version: int
+    phase: str
+    entries: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +211,12 @@ class AgentState:
     @classmethod
     def in_memory(cls) -> AgentState:
         """State in RAM (the simulator). The same as ``Database(memory=True)`` but without a
-        prepared-statement cache, which is most of a connection's memory: ~70 KiB instead of
-        ~165 KiB per agent, at the price of re-preparing a few tiny statements."""
+        prepared-statement cache, which is most of a connection's memory (~165 KiB per agent
+        otherwise), at the price of re-preparing a few tiny statements, and with 1 KiB pages
+        instead of 4 KiB: every table costs at least a page, and these tables are tiny. About
+        53 KiB per agent with the journal and outbox tables (84 KiB before both changes)."""
         conn = sqlite3.connect(":memory:", cached_statements=0)
+        conn.execute("PRAGMA page_size = 1024")  # before the first table is created
         return cls(Database(conn, execute_plugins=False), _MemoryBlobs(), directory=None)
 
     @property
@@ -209,7 +236,17 @@ class AgentState:
     # --- schema ------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        with self._lock, self._translate("prepare"), self._db.atomic():
+        with self._lock, self._translate("prepare"):
+            # A second process (`storefleet-agent status` next to a running agent) must not
+            # write: its write would fail ("database is locked") when the agent committed
+            # between its read and its write, or make one of the agent's transactions fail so.
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            present = {
+                row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if version == SCHEMA and present >= _TABLES:
+                return
+        with self._lock, self._translate("prepare"), self._immediate():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA:
                 raise StateError(f"the state database has schema {version}, newer than this agent ({SCHEMA})")
@@ -251,7 +288,27 @@ class AgentState:
                 if_not_exists=True,
             )
             self._create_command_table()
+            # The apply in progress (agent/pipeline.py): at most one row.
+            self._table("apply_journal").create(
+                {"id": int, "version": int, "phase": str, "entries": str}, pk="id", if_not_exists=True
+            )
+            # Health reports not yet published; seq is the rowid, so the table needs no index.
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS health_outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL)"
+            )
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """A write transaction that takes the write lock first (waits for it, never fails
+        half-way because another connection wrote meanwhile)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.conn.rollback()
+            raise
+        self._db.execute("COMMIT")
 
     def _table(self, name: str) -> Table:
         return self._db.table(name)
@@ -530,6 +587,70 @@ class AgentState:
                 pk="id",
             )
 
+    def finish_apply(
+        self, version: int, document: dict[str, Any], signing_keys: dict[str, str] | None
+    ) -> None:
+        """One transaction: `document` becomes last-known-good, the pinned signing keys become
+        `signing_keys` (a rotation; None keeps them) and the apply journal, if any, is marked
+        ``done``. A crash before it leaves the previous version in force, after it the new one."""
+        with self._lock, self._translate("record the applied state"), self._db.atomic():
+            current = self._row("applied", _SINGLETON)
+            if current is not None and current["version"] > version:
+                raise StateError(f"refusing to record version {version} over {current['version']}")
+            now = datetime.now(UTC).isoformat()
+            self._table("applied").upsert(
+                {
+                    "id": _SINGLETON,
+                    "version": version,
+                    "document": json.dumps(document, separators=(",", ":")),
+                    "applied_at": now,
+                },
+                pk="id",
+            )
+            if signing_keys is not None:
+                self._db.execute("DELETE FROM signing_keys")
+                self._table("signing_keys").insert_all(
+                    [
+                        {"kid": kid, "public_key_pem": pem, "added_at": now}
+                        for kid, pem in signing_keys.items()
+                    ],
+                    pk="kid",
+                )
+            self._db.execute("UPDATE apply_journal SET phase = 'done'")
+
+    # --- apply journal (agent/pipeline.py) ----------------------------------------------
+
+    def journal(self) -> Journal | None:
+        with self._lock, self._translate("read the apply journal"):
+            row = self._row("apply_journal", _SINGLETON)
+        if row is None:
+            return None
+        try:
+            entries = json.loads(row["entries"])
+        except ValueError as exc:
+            raise StateError(f"the apply journal is corrupt: {exc}") from exc
+        return Journal(version=row["version"], phase=row["phase"], entries=entries)
+
+    def write_journal(self, journal: Journal) -> None:
+        with self._lock, self._translate("write the apply journal"):
+            self._table("apply_journal").upsert(
+                {
+                    "id": _SINGLETON,
+                    "version": journal.version,
+                    "phase": journal.phase,
+                    "entries": json.dumps(journal.entries, separators=(",", ":")),
+                },
+                pk="id",
+            )
+
+    def set_journal_phase(self, phase: str) -> None:
+        with self._lock, self._translate("advance the apply journal"):
+            self._db.execute("UPDATE apply_journal SET phase = ?", [phase])
+
+    def clear_journal(self) -> None:
+        with self._lock, self._translate("clear the apply journal"):
+            self._db.execute("DELETE FROM apply_journal")
+
     # --- health ------------------------------------------------------------------------
 
     def next_health_seq(self) -> int:
@@ -574,6 +695,63 @@ class AgentState:
         with self._lock, self._translate("read the command results"):
             rows = self._db.execute("SELECT command_id FROM command_results ORDER BY at DESC, rowid DESC")
             return [str(row[0]) for row in rows.fetchall()]
+
+    def enqueue_health(self, render: Callable[[int], str], *, limit: int) -> int:
+        """Reserve the next sequence number, store `render(seq)` in the outbox and return seq.
+
+        One transaction (one fsync on a device). When the outbox holds more than `limit`
+        reports the oldest are dropped and counted, for the `dropped` field of the next one sent.
+        """
+        with self._lock, self._translate("queue a health report"), self._db.atomic():
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('health_seq', 0) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+            )
+            seq = int(self._db.execute("SELECT value FROM counters WHERE name = 'health_seq'").fetchone()[0])
+            self._db.execute("INSERT INTO health_outbox (seq, payload) VALUES (?, ?)", [seq, render(seq)])
+            excess = self._db.execute("SELECT count(*) FROM health_outbox").fetchone()[0] - limit
+            if excess > 0:
+                self._db.execute(
+                    "DELETE FROM health_outbox WHERE seq IN "
+                    "(SELECT seq FROM health_outbox ORDER BY seq LIMIT ?)",
+                    [excess],
+                )
+                self._db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('health_dropped', ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    [excess],
+                )
+        return seq
+
+    def queued_health(self, limit: int) -> tuple[list[tuple[int, str]], int]:
+        """The oldest `limit` queued reports, (seq, payload), in sequence order, and how many
+        were dropped since the last report sent."""
+        with self._lock, self._translate("read the health outbox"):
+            rows = self._db.execute(
+                "SELECT seq, payload FROM health_outbox ORDER BY seq LIMIT ?", [limit]
+            ).fetchall()
+            dropped = self._db.execute("SELECT value FROM counters WHERE name = 'health_dropped'").fetchone()
+        return [(int(seq), str(payload)) for seq, payload in rows], int(dropped[0]) if dropped else 0
+
+    def health_backlog(self) -> int:
+        with self._lock, self._translate("read the health outbox"):
+            return int(self._db.execute("SELECT count(*) FROM health_outbox").fetchone()[0])
+
+    def health_dropped(self) -> int:
+        """Reports dropped from the full outbox since the last report that was sent."""
+        with self._lock, self._translate("read the health outbox"):
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'health_dropped'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def health_sent(self, through_seq: int, *, dropped_reported: int = 0) -> None:
+        """Forget the reports up to `through_seq` (published) and the drops they reported."""
+        with self._lock, self._translate("update the health outbox"), self._db.atomic():
+            self._db.execute("DELETE FROM health_outbox WHERE seq <= ?", [through_seq])
+            if dropped_reported:
+                self._db.execute(
+                    "UPDATE counters SET value = max(0, value - ?) WHERE name = 'health_dropped'",
+                    [dropped_reported],
+                )
 
 
 def _pair_matches(cert_pem: bytes, key_pem: bytes) -> bool:

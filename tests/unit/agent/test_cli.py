@@ -97,6 +97,7 @@ async def test_enroll_then_status_then_refuse_to_enroll_twice(tmp_path, server, 
     assert status["enrolled"] is True
     assert (status["device_id"], status["applied_version"]) == ("dev-0042", 0)
     assert status["certificate_expired"] is False
+    assert (status["interrupted_apply"], status["health_reports_queued"]) == (None, 0)
     assert status["certificate_not_after"] == enrolled["certificate_not_after"]
 
     assert await asyncio.to_thread(main, args) == EXIT_USAGE

@@ -1,11 +1,24 @@
 import asyncio
 import json
+import subprocess
 import threading
 
 import pytest
 
-from agent.errors import ApplyError
-from agent.handlers import CONFIG_FILE, POLICIES_FILE, FileConfigHandler, MemoryHandler
+from agent.errors import ApplyError, InvalidConfig
+from agent.handlers import (
+    CONFIG_FILE,
+    ENFORCED_POLICY_FILE,
+    ENV_FILE,
+    POLICIES_FILE,
+    EnvFileHandler,
+    FileConfigHandler,
+    MemoryHandler,
+    PolicyHandler,
+    default_handlers,
+)
+from agent.pipeline import ApplyPipeline
+from agent.state import AgentState
 from protocol.messages import DesiredState
 from tests.unit.agent.factories import desired_document
 
@@ -19,57 +32,66 @@ def read_json(path):
 
 
 def tmp_files(directory):
-    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+    return [p.name for p in directory.iterdir() if p.name.startswith(".")]
 
 
-async def test_file_handler_writes_config_and_policies(tmp_path):
+async def install(pipeline, version, **kwargs):
+    document = desired_document(version, **kwargs)
+    await pipeline.apply(DesiredState.model_validate(document), document, previous=None)
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    state = AgentState.in_memory()
+    yield ApplyPipeline(state, default_handlers(tmp_path / "config"))
+    state.close()
+
+
+# --- configuration files -----------------------------------------------------------------
+
+
+async def test_file_handlers_write_every_file(tmp_path, pipeline):
     config_dir = tmp_path / "config"
-    handler = FileConfigHandler(config_dir)
-    await handler.apply(desired(1, config={"pos": {"currency": "EUR"}}, policies={"lock_s": 300}))
-    assert read_json(config_dir / CONFIG_FILE) == {"pos": {"currency": "EUR"}}
-    assert read_json(config_dir / POLICIES_FILE) == {"lock_s": 300}
+    await install(
+        pipeline,
+        1,
+        config={"pos": {"currency": "EUR"}, "env": {"POS_CURRENCY": "EUR"}},
+        policies={"screen_lock_timeout_s": 300, "usb_storage": False, "vendor_x": 1},
+    )
+    assert read_json(config_dir / CONFIG_FILE) == {"pos": {"currency": "EUR"}, "env": {"POS_CURRENCY": "EUR"}}
+    assert read_json(config_dir / POLICIES_FILE) == {
+        "screen_lock_timeout_s": 300,
+        "usb_storage": False,
+        "vendor_x": 1,
+    }
+    assert 'POS_CURRENCY="EUR"' in (config_dir / ENV_FILE).read_text().splitlines()
+    enforced = read_json(config_dir / ENFORCED_POLICY_FILE)
+    assert enforced["version"] == 1
+    assert enforced["policies"]["screen_lock_timeout_s"] == 300
+    assert enforced["policies"]["usb_storage"] is False
+    assert enforced["policies"]["allowed_apps"] is None  # not managed
+    assert enforced["unenforced"] == ["vendor_x"]
 
-    await handler.apply(desired(2, config={"pos": {"currency": "CHF"}}, policies={}))
+    await install(pipeline, 2, config={"pos": {"currency": "CHF"}}, policies={})
     assert read_json(config_dir / CONFIG_FILE) == {"pos": {"currency": "CHF"}}
     assert read_json(config_dir / POLICIES_FILE) == {}
+    # No env any more: the file stays, empty of variables, so apps see the removal.
+    assert [
+        line for line in (config_dir / ENV_FILE).read_text().splitlines() if not line.startswith("#")
+    ] == []
     assert tmp_files(config_dir) == []
 
 
-async def test_failed_install_restores_the_previous_config(tmp_path):
-    handler = FileConfigHandler(tmp_path)
-    (tmp_path / CONFIG_FILE).write_text('{"old": true}\n')
-    # policies.json is a non-empty directory: the second rename fails after the first succeeded.
-    (tmp_path / POLICIES_FILE).mkdir()
-    (tmp_path / POLICIES_FILE / "x").write_text("")
-
-    with pytest.raises(ApplyError) as caught:
-        await handler.apply(desired(2, config={"new": True}))
-
-    assert "policies.json" in caught.value.detail or "directory" in caught.value.detail.lower()
-    assert read_json(tmp_path / CONFIG_FILE) == {"old": True}
-    assert tmp_files(tmp_path) == []
+def test_configuration_that_is_not_json_is_refused(tmp_path):
+    with pytest.raises(InvalidConfig, match="not serialisable"):
+        FileConfigHandler(tmp_path).render(desired(2, config={"a": float("nan")}))
 
 
-async def test_unwritable_config_dir_is_an_apply_error(tmp_path):
-    blocker = tmp_path / "blocker"
-    blocker.write_text("")
-    with pytest.raises(ApplyError, match="cannot create"):
-        await FileConfigHandler(blocker / "config").apply(desired(1))
-
-
-async def test_configuration_that_is_not_json_is_refused_before_writing(tmp_path):
-    handler = FileConfigHandler(tmp_path)
-    await handler.apply(desired(1, config={"a": 1}))
-    with pytest.raises(ApplyError, match="not serialisable"):
-        await handler.apply(desired(2, config={"a": float("nan")}))
-    assert read_json(tmp_path / CONFIG_FILE) == {"a": 1}
-
-
-async def test_readers_only_ever_see_a_complete_config(tmp_path):
+async def test_readers_only_ever_see_a_complete_config(tmp_path, pipeline):
     """A store application reading config.json while versions land sees old or new, never a mix."""
-    handler = FileConfigHandler(tmp_path)
+    config_dir = tmp_path / "config"
     big = {"blob": "x" * 200_000}
-    await handler.apply(desired(1, config={"version": 1, **big}))
+    await install(pipeline, 1, config={"version": 1, **big})
     stop = threading.Event()
     seen: set[int] = set()
     errors: list[Exception] = []
@@ -77,7 +99,7 @@ async def test_readers_only_ever_see_a_complete_config(tmp_path):
     def reader():
         while not stop.is_set():
             try:
-                seen.add(read_json(tmp_path / CONFIG_FILE)["version"])
+                seen.add(read_json(config_dir / CONFIG_FILE)["version"])
             except Exception as exc:
                 errors.append(exc)
 
@@ -85,13 +107,128 @@ async def test_readers_only_ever_see_a_complete_config(tmp_path):
     thread.start()
     try:
         for version in range(2, 30):
-            await handler.apply(desired(version, config={"version": version, **big}))
+            await install(pipeline, version, config={"version": version, **big})
     finally:
         stop.set()
         await asyncio.to_thread(thread.join)
     assert errors == []
     assert seen <= set(range(1, 30))
     assert len(seen) > 1
+
+
+# --- environment -------------------------------------------------------------------------
+
+
+def env_lines(version=1, **env):
+    data = (
+        EnvFileHandler(__import__("pathlib").Path("/x")).render(desired(version, config={"env": env}))[0].data
+    )
+    return data.decode().splitlines()
+
+
+def test_env_file_quotes_values_so_neither_systemd_nor_a_shell_expands_them(tmp_path):
+    env = {
+        "PLAIN": "eur",
+        "SPACES": " a b ",
+        "QUOTE": 'say "hi"',
+        "DOLLAR": "$HOME",
+        "BACKSLASH": "a\\b",
+        "TICK": "`id`",
+    }
+    path = tmp_path / ENV_FILE
+    path.write_bytes(EnvFileHandler(tmp_path).render(desired(4, config={"env": env}))[0].data)
+    assert path.read_text().startswith("# storefleet desired state version 4")
+    # A POSIX shell reads exactly the values back (systemd's EnvironmentFile parser uses the
+    # same double-quote escapes).
+    script = f"set -a; . {path}; " + "; ".join(f'printf "%s\\0" "${name}"' for name in env)
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, check=True).stdout
+    assert out.split(b"\0")[:-1] == [value.encode() for value in env.values()]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"lower": "x"}, "not a valid name"),
+        ({"1ABC": "x"}, "not a valid name"),
+        ({"A-B": "x"}, "not a valid name"),
+        ({"OK": "two\nlines"}, "newline or NUL"),
+        ({"OK": "carriage\rreturn"}, "newline or NUL"),
+        ({"OK": "nul\0byte"}, "newline or NUL"),
+        ({"OK": 5}, "must be a string"),
+        ({"OK": None}, "must be a string"),
+        ({"OK": "x" * 5000}, "longer than"),
+        (["A=1"], "must be an object"),
+        ({f"V{i}": "x" for i in range(300)}, "at most"),
+    ],
+)
+def test_env_validation_refuses_bad_names_and_values(tmp_path, env, message):
+    with pytest.raises(InvalidConfig, match=message):
+        EnvFileHandler(tmp_path).render(desired(1, config={"env": env}))
+
+
+# --- policies ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policies", "field"),
+    [
+        ({"screen_lock_timeout_s": -1}, "policies.screen_lock_timeout_s"),
+        ({"screen_lock_timeout_s": 100_000}, "policies.screen_lock_timeout_s"),
+        ({"screen_lock_timeout_s": "300"}, "policies.screen_lock_timeout_s"),
+        ({"screen_lock_timeout_s": True}, "policies.screen_lock_timeout_s"),
+        ({"usb_storage": 1}, "policies.usb_storage"),
+        ({"allowed_apps": "com.example.pos"}, "policies.allowed_apps"),
+        ({"allowed_apps": ["com.example.pos", "bad app!"]}, "policies.allowed_apps.1"),
+        ({"allowed_apps": ["a.b", "a.b"]}, "twice"),
+        ({"kiosk_mode": True}, "kiosk_app"),
+        ({"kiosk_mode": True, "kiosk_app": "c.d", "allowed_apps": ["a.b"]}, "one of allowed_apps"),
+    ],
+)
+def test_policy_validation_names_the_policy(tmp_path, policies, field):
+    with pytest.raises(InvalidConfig, match=field.replace(".", "\\.")):
+        PolicyHandler(tmp_path).render(desired(1, policies=policies))
+
+
+def test_policy_handler_enforces_known_policies_and_lists_unknown_ones(tmp_path):
+    policies = {
+        "screen_lock_timeout_s": 0,
+        "allowed_apps": ["com.example.pos", "com.example.kiosk"],
+        "usb_storage": False,
+        "kiosk_mode": True,
+        "kiosk_app": "com.example.kiosk",
+        "future_policy": {"x": 1},
+    }
+    [output] = PolicyHandler(tmp_path).render(desired(9, policies=policies))
+    assert output.path == tmp_path / ENFORCED_POLICY_FILE
+    document = json.loads(output.data)
+    assert document == {
+        "version": 9,
+        "policies": {key: value for key, value in policies.items() if key != "future_policy"},
+        "unenforced": ["future_policy"],
+    }
+
+
+# --- the memory handler (simulator) ------------------------------------------------------
+
+
+async def test_memory_handler_validates_like_a_device():
+    handler = MemoryHandler()
+    with pytest.raises(InvalidConfig):
+        handler.validate(desired(1, config={"env": {"bad name": "x"}}))
+    with pytest.raises(InvalidConfig):
+        handler.validate(desired(1, policies={"usb_storage": "no"}))
+    handler.validate(desired(1))
+
+
+async def test_memory_handler_reverts_to_the_previous_document():
+    handler = MemoryHandler()
+    await handler.apply(desired(1))
+    await handler.apply(desired(2))
+    await handler.revert(desired(1))
+    assert handler.applied.version == 1
+    await handler.revert(None)
+    assert handler.applied is None
+    assert handler.reverts == 2
 
 
 async def test_memory_handler_keeps_the_last_applied_document():

@@ -307,3 +307,130 @@ async def test_golden_desired_state_from_the_protocol_applies(ca):
     assert report.status is ApplyStatus.APPLIED, report.detail
     assert handler.applied.config["pos"]["currency"] == "EUR"
     state.close()
+
+
+# --- validation, post-apply checks --------------------------------------------------------
+
+
+async def test_invalid_section_is_rejected_as_invalid_config_and_changes_nothing(
+    tmp_path, state, signing_key
+):
+    from agent.handlers import ENV_FILE, default_handlers
+
+    config_dir = tmp_path / "config"
+    reconciler, _ = make_reconciler(state, default_handlers(config_dir))
+    await reconciler.handle(payload(signed_desired(1, signing_key, config={"env": {"A": "1"}})))
+    before = {p.name: p.read_bytes() for p in config_dir.iterdir()}
+
+    bad = signed_desired(2, signing_key, config={"env": {"A": "1\nB=2"}})
+    report = await reconciler.handle(payload(bad))
+
+    assert (report.status, report.reason) == (ApplyStatus.REJECTED, "invalid_config")
+    assert "config.env.A" in report.detail
+    assert report.applied_version == 1
+    assert {p.name: p.read_bytes() for p in config_dir.iterdir()} == before
+    assert ENV_FILE in before
+    assert state.applied().version == 1
+
+
+async def test_too_many_checks_are_invalid_config(state, signing_key):
+    reconciler, handler = make_reconciler(state)
+    checks = {f"c{i}": {"kind": "process", "target": "x"} for i in range(65)}
+    report = await reconciler.handle(payload(signed_desired(1, signing_key, checks=checks)))
+    assert (report.status, report.reason) == (ApplyStatus.REJECTED, "invalid_config")
+    assert handler.attempts == 0
+
+
+async def test_failing_post_apply_check_reports_failed_and_reverts(state, signing_key):
+    from agent.checks import SimulatedChecks, verify
+
+    checks = SimulatedChecks(failing={"pos-app"})
+
+    async def gate(desired):
+        return await verify(checks, desired, grace_s=0, attempts=2, retry_s=0)
+
+    reconciler, handler = make_reconciler(state, verify=gate)
+    assert (await reconciler.handle(payload(signed_desired(1, signing_key)))).status is ApplyStatus.APPLIED
+    declared = {"pos-app": {"kind": "tcp", "target": "127.0.0.1:9"}}
+
+    report = await reconciler.handle(payload(signed_desired(2, signing_key, checks=declared)))
+
+    assert (report.status, report.reason) == (ApplyStatus.FAILED, "post_apply_unhealthy")
+    assert "pos-app" in report.detail
+    assert report.applied_version == 1
+    assert handler.applied.version == 1  # reverted
+    assert state.applied().version == 1
+    assert reconciler.applied.version == 1
+
+    checks.failing.clear()
+    report = await reconciler.handle(payload(signed_desired(3, signing_key, checks=declared)))
+    assert report.status is ApplyStatus.APPLIED
+    assert set(reconciler.applied.checks) == {"pos-app"}
+
+
+# --- signing-key rotation -------------------------------------------------------------------
+
+
+def pem_map(*keys):
+    from protocol.signing import key_id
+    from tests.unit.agent.factories import public_pem
+
+    return {key_id(key.public_key()): public_pem(key) for key in keys}
+
+
+async def test_rotation_pins_the_new_set_and_the_new_key_verifies_the_next_document(disk_state, signing_key):
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    reconciler, _ = make_reconciler(disk_state)
+
+    # 1. Signed by the pinned key, introducing the new one.
+    report = await reconciler.handle(
+        payload(signed_desired(1, signing_key, signing_keys=pem_map(signing_key, new_key)))
+    )
+    assert report.status is ApplyStatus.APPLIED
+    assert set(disk_state.signing_keys()) == set(pem_map(signing_key, new_key))
+
+    # 2. Signed by the new key, retiring the old one.
+    report = await reconciler.handle(payload(signed_desired(2, new_key, signing_keys=pem_map(new_key))))
+    assert report.status is ApplyStatus.APPLIED
+    assert set(disk_state.signing_keys()) == set(pem_map(new_key))
+
+    # 3. The old key is no longer trusted, also after a restart.
+    restarted, _ = make_reconciler(disk_state)
+    report = await restarted.handle(payload(signed_desired(3, signing_key)))
+    assert (report.status, report.reason) == (ApplyStatus.REJECTED, "unknown_signing_key")
+    assert (await restarted.handle(payload(signed_desired(3, new_key)))).status is ApplyStatus.APPLIED
+
+
+@pytest.mark.parametrize("case", ["without-signer", "kid-mismatch", "not-a-key", "too-many"])
+async def test_a_rotation_that_could_lock_the_device_out_is_rejected(state, signing_key, case):
+    other = ec.generate_private_key(ec.SECP256R1())
+    keys = {
+        "without-signer": lambda: pem_map(other),
+        "kid-mismatch": lambda: {
+            **pem_map(signing_key),
+            "es256-0000000000000000": pem_map(other).popitem()[1],
+        },
+        "not-a-key": lambda: {**pem_map(signing_key), "es256-1111111111111111": "not a pem"},
+        "too-many": lambda: pem_map(
+            signing_key, *(ec.generate_private_key(ec.SECP256R1()) for _ in range(16))
+        ),
+    }[case]()
+    before = state.signing_keys()
+    reconciler, handler = make_reconciler(state)
+    report = await reconciler.handle(payload(signed_desired(1, signing_key, signing_keys=keys)))
+    assert (report.status, report.reason) == (ApplyStatus.REJECTED, "invalid_config")
+    assert "signing_keys" in report.detail
+    assert handler.attempts == 0
+    assert state.signing_keys() == before
+
+
+async def test_keys_of_a_document_that_failed_to_apply_are_not_adopted(state, signing_key):
+    other = ec.generate_private_key(ec.SECP256R1())
+    before = state.signing_keys()
+    reconciler, _ = make_reconciler(state, MemoryHandler(fail_versions={1}))
+    report = await reconciler.handle(
+        payload(signed_desired(1, signing_key, signing_keys=pem_map(signing_key, other)))
+    )
+    assert report.status is ApplyStatus.FAILED
+    assert state.signing_keys() == before
+    assert set(reconciler.keys) == set(before)

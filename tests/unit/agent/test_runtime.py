@@ -20,6 +20,7 @@ from agent.runtime import Agent
 from agent.settings import AgentSettings
 from agent.state import AgentState
 from agent.tls import broker_client_context
+from protocol.messages import HealthReport
 from protocol.topics import TopicKind
 from tests.unit.agent.broker_support import TIMEOUT_S, fast_settings
 from tests.unit.agent.factories import signed_desired
@@ -245,6 +246,8 @@ class HangingProbe:
 @pytest.mark.parametrize("probe", [BrokenProbe(), HangingProbe()])
 async def test_a_failing_probe_reports_unhealthy_instead_of_stopping(tmp_path, memory_state, probe):
     agent = Agent(fast_settings(tmp_path, probe_timeout_s=0.05), memory_state, MemoryHandler(), probe)
-    report = await agent._health_report()
+    seq = await agent._queue_health_report()
+    [(queued_seq, payload)], _ = memory_state.queued_health(10)
+    report = HealthReport.model_validate_json(payload)
     assert report.healthy is False
-    assert report.seq == 0
+    assert report.seq == seq == queued_seq == 0

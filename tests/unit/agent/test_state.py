@@ -145,3 +145,90 @@ def test_unusable_state_directory_is_a_state_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StateError, match="cannot open"):
         AgentState.open(blocker / "state")
+
+
+# --- health outbox -------------------------------------------------------------------------
+
+
+def queue(state, count, *, limit):
+    return [state.enqueue_health(lambda seq: f'{{"seq": {seq}}}', limit=limit) for _ in range(count)]
+
+
+def test_outbox_keeps_reports_in_sequence_order_until_sent(state):
+    assert queue(state, 3, limit=10) == [0, 1, 2]
+    batch, dropped = state.queued_health(2)
+    assert [seq for seq, _ in batch] == [0, 1]
+    assert [payload for _, payload in batch] == ['{"seq": 0}', '{"seq": 1}']
+    assert dropped == 0
+    state.health_sent(1)
+    assert [seq for seq, _ in state.queued_health(10)[0]] == [2]
+    assert state.health_backlog() == 1
+
+
+def test_a_full_outbox_drops_the_oldest_and_counts_them(state):
+    queue(state, 8, limit=5)
+    batch, dropped = state.queued_health(10)
+    assert [seq for seq, _ in batch] == [3, 4, 5, 6, 7]
+    assert dropped == 3
+    # The report that carried the count was sent: the count starts again; new drops add up.
+    state.health_sent(3, dropped_reported=3)
+    assert state.health_dropped() == 0
+    queue(state, 3, limit=5)  # 4..7 + 8, 9, 10 → 2 more dropped
+    batch, dropped = state.queued_health(10)
+    assert [seq for seq, _ in batch] == [6, 7, 8, 9, 10]
+    assert dropped == 2
+
+
+def test_outbox_and_sequence_survive_a_restart(disk_state):
+    queue(disk_state, 4, limit=3)
+    disk_state.close()
+    reopened = AgentState.open(disk_state.directory)
+    try:
+        batch, dropped = reopened.queued_health(10)
+        assert ([seq for seq, _ in batch], dropped) == ([1, 2, 3], 1)
+        assert queue(reopened, 1, limit=3) == [4]
+    finally:
+        reopened.close()
+
+
+def test_a_failed_render_queues_nothing_and_keeps_the_sequence(state):
+    queue(state, 1, limit=5)
+
+    def broken(seq):
+        raise ValueError("bad report")
+
+    with pytest.raises(ValueError, match="bad report"):
+        state.enqueue_health(broken, limit=5)
+    assert queue(state, 1, limit=5) == [1]
+    assert [seq for seq, _ in state.queued_health(10)[0]] == [0, 1]
+
+
+def test_a_state_from_before_the_outbox_gains_its_tables(disk_state):
+    disk_state._db.execute("DROP TABLE health_outbox")
+    disk_state._db.execute("DROP TABLE apply_journal")
+    disk_state.close()
+    reopened = AgentState.open(disk_state.directory)
+    try:
+        assert reopened.enrollment() is not None
+        assert queue(reopened, 1, limit=5) == [0]
+        assert reopened.journal() is None
+    finally:
+        reopened.close()
+
+
+def test_opening_the_state_beside_a_running_agent_never_fails(disk_state):
+    """`storefleet-agent status` opens the database while the agent writes to it."""
+    stop = threading.Event()
+
+    def agent_writes():
+        while not stop.is_set():
+            disk_state.health_sent(disk_state.enqueue_health(lambda seq: "{}", limit=10))
+
+    writer = threading.Thread(target=agent_writes)
+    writer.start()
+    try:
+        for _ in range(100):
+            AgentState.open(disk_state.directory).close()
+    finally:
+        stop.set()
+        writer.join()
