@@ -3,6 +3,7 @@ provenance, optimistic locking (If-Match → 412), Idempotency-Key and signing-k
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 
@@ -68,11 +69,14 @@ async def test_effective_config_merges_every_layer_and_names_the_one_that_set_ea
     await stack.create_store("DE-BER-0001", config={"locale": "de_DE", "pos": {"footer": "Danke"}})
     enrolled = await enroll_agent(stack, "DE-BER-0001", tmp_path / "agent", role="pos")
     await _use_template_and_group(stack, "DE-BER-0001", enrolled.device_id)
+    # The till application the device-level app check looks for (the agent checks it after apply).
+    till_app = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    till_port = till_app.sockets[0].getsockname()[1]
     response = await stack.api.put(
         f"/v1/devices/{enrolled.device_id}/overrides",
         json={
             "config": {"pos": {"printer": "star"}, "locale": None},
-            "checks": {"till-app": {"kind": "tcp", "target": "127.0.0.1:9100"}},
+            "checks": {"till-app": {"kind": "tcp", "target": f"127.0.0.1:{till_port}"}},
         },
     )
     assert response.status_code == 200, response.text
@@ -81,7 +85,7 @@ async def test_effective_config_merges_every_layer_and_names_the_one_that_set_ea
 
     assert effective["config"] == {"pos": {"currency": "EUR", "tax": 7, "printer": "star", "footer": "Danke"}}
     assert effective["policies"] == {"usb": False, "screen_lock_timeout_s": 120}
-    assert effective["checks"]["till-app"]["target"] == "127.0.0.1:9100"
+    assert effective["checks"]["till-app"]["target"] == f"127.0.0.1:{till_port}"
     source = {path: f"{s['layer']}:{s['id']}" for path, s in effective["provenance"].items()}
     assert source == {
         "/config/pos/currency": "template:small@1",
@@ -106,11 +110,12 @@ async def test_effective_config_merges_every_layer_and_names_the_one_that_set_ea
 
     # The device receives exactly that, signed.
     await stack.control_plane.services.publisher.refresh_devices([enrolled.device_id])
-    async with running(enrolled.build()) as agent:
+    async with till_app, running(enrolled.build()) as agent:
         view = await stack.wait_for_device(
             enrolled.device_id, lambda d: d["in_sync"] and d["applied_version"] >= 2
         )
         assert agent.applied_version == view["desired_version"]
+        assert view["apply_status"] == "applied"
     assert json.loads(enrolled.config_file.read_text()) == effective["config"]
 
 
