@@ -32,8 +32,10 @@ from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.devices.lifecycle import DeviceLifecycle
 from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
+from control_plane.devices.tags import DeviceTags
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
+from control_plane.groups.service import GroupService
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
@@ -68,6 +70,8 @@ class Services:
     lifecycle: DeviceLifecycle
     enroll_limiter: RateLimiter
     ca: CAGateway
+    tags: DeviceTags
+    groups: GroupService
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -212,6 +216,8 @@ class ControlPlane:
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
+            tags=DeviceTags(engine=engine, publisher=publisher, audit=audit),
+            groups=GroupService(engine=engine, publisher=publisher, audit=audit),
         )
 
     async def close(self) -> None:

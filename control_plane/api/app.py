@@ -14,6 +14,7 @@ from control_plane.api.metrics import router as metrics_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
+from control_plane.groups.routes import router as groups_router
 from control_plane.stores.routes import router as stores_router
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(enrollment_router)
     app.include_router(devices_router)
     app.include_router(certificates_router)
+    app.include_router(groups_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

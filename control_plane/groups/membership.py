@@ -1,0 +1,120 @@
+"""Which groups a device belongs to, in bulk: for the desired-state layer assembly and views.
+
+A device belongs to a static group when it has a `group_members` row, and to a dynamic group
+when it matches the group's selector now (evaluated in SQL, nothing cached, so a tag change
+is seen by the very next refresh).
+
+Cost for N device ids and D dynamic groups: one query for the groups, ⌈N/900⌉ for static
+membership and D·⌈N/500⌉ for dynamic membership. The chunks keep every statement under
+SQLite's historical limit of 999 bound parameters (the dynamic chunk leaves room for the
+selector's own values: at most ~310 for the largest selector the API accepts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from control_plane.db.schema import devices, group_members, groups
+from control_plane.devices.filters import GroupSelector, selector_clause
+
+STATIC_CHUNK = 900
+DYNAMIC_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLayer:
+    group_id: str
+    priority: int
+    layer: dict[str, Any]  # stored ConfigLayer JSON
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    id: str
+    priority: int
+    layer: dict[str, Any]
+    selector: GroupSelector | None  # None: a static group
+
+
+def members_clause(group_id: str, selector: GroupSelector | None) -> sa.ColumnElement[bool]:
+    """The group's members as a WHERE clause over `devices` (static: its rows; dynamic: its selector)."""
+    if selector is not None:
+        return selector_clause(selector)
+    return devices.c.id.in_(sa.select(group_members.c.device_id).where(group_members.c.group_id == group_id))
+
+
+def stored_selector(kind: str, selector: Any) -> GroupSelector | None:
+    """The selector a group row holds (validated when written; a failure here is a bug)."""
+    return GroupSelector.model_validate(selector or {}) if kind == "dynamic" else None
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+async def _memberships(
+    conn: AsyncConnection, device_ids: Sequence[str]
+) -> tuple[list[_Group], dict[str, set[str]]]:
+    """All groups (ordered by priority, id) and, per given device, the ids of its groups."""
+    ids = list(dict.fromkeys(device_ids))
+    found: dict[str, set[str]] = defaultdict(set)
+    if not ids:
+        return [], found
+    rows = await conn.execute(
+        sa.select(groups.c.id, groups.c.kind, groups.c.priority, groups.c.layer, groups.c.selector).order_by(
+            groups.c.priority, groups.c.id
+        )
+    )
+    all_groups = [
+        _Group(id=r.id, priority=r.priority, layer=r.layer, selector=stored_selector(r.kind, r.selector))
+        for r in rows
+    ]
+    if not all_groups:
+        return [], found
+    if any(g.selector is None for g in all_groups):
+        for chunk in _chunks(ids, STATIC_CHUNK):
+            static = await conn.execute(
+                sa.select(group_members.c.device_id, group_members.c.group_id).where(
+                    group_members.c.device_id.in_(chunk)
+                )
+            )
+            for device_id, group_id in static:
+                found[device_id].add(group_id)
+    for group in all_groups:
+        if group.selector is None:
+            continue
+        clause = selector_clause(group.selector)
+        for chunk in _chunks(ids, DYNAMIC_CHUNK):
+            matching = await conn.execute(sa.select(devices.c.id).where(devices.c.id.in_(chunk), clause))
+            for (device_id,) in matching:
+                found[device_id].add(group.id)
+    return all_groups, found
+
+
+async def group_layers_for(conn: AsyncConnection, device_ids: Sequence[str]) -> dict[str, list[GroupLayer]]:
+    """For each given device id, the layers of the groups it belongs to (static membership or
+    matching dynamic selector), ordered by (priority, group_id). Devices in no group are absent."""
+    all_groups, found = await _memberships(conn, device_ids)
+    result: dict[str, list[GroupLayer]] = {}
+    for device_id, group_ids in found.items():
+        result[device_id] = [
+            GroupLayer(group_id=g.id, priority=g.priority, layer=g.layer)
+            for g in all_groups
+            if g.id in group_ids
+        ]
+    return result
+
+
+async def group_ids_for(conn: AsyncConnection, device_ids: Sequence[str]) -> dict[str, list[str]]:
+    """For each given device id, the ids of its groups in layer order. Devices in no group are absent."""
+    all_groups, found = await _memberships(conn, device_ids)
+    return {
+        device_id: [g.id for g in all_groups if g.id in group_ids] for device_id, group_ids in found.items()
+    }
