@@ -21,7 +21,7 @@ from control_plane.devices.filters import DeviceSelector, selector_clause
 from control_plane.devices.models import CertificateView, DeviceListQuery, DevicePage, DeviceView
 from control_plane.devices.pagination import after, decode_cursor, encode_cursor, filter_digest, order_by
 from control_plane.errors import NotFound
-from control_plane.groups.membership import STATIC_CHUNK, group_ids_for
+from control_plane.groups.membership import group_ids_for, id_batches
 
 
 class DeviceService:
@@ -132,11 +132,9 @@ class DeviceService:
         """Device views with their tags and groups (two queries plus one per dynamic group)."""
         ids = [row.id for row in rows]
         tags: dict[str, list[str]] = defaultdict(list)
-        for start in range(0, len(ids), STATIC_CHUNK):
+        for among in id_batches(conn, device_tags.c.device_id, ids):
             tagged = await conn.execute(
-                sa.select(device_tags.c.device_id, device_tags.c.tag)
-                .where(device_tags.c.device_id.in_(ids[start : start + STATIC_CHUNK]))
-                .order_by(device_tags.c.tag)
+                sa.select(device_tags.c.device_id, device_tags.c.tag).where(among).order_by(device_tags.c.tag)
             )
             for device_id, tag in tagged:
                 tags[device_id].append(tag)

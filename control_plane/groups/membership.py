@@ -4,10 +4,14 @@ A device belongs to a static group when it has a `group_members` row, and to a d
 when it matches the group's selector now (evaluated in SQL, nothing cached, so a tag change
 is seen by the very next refresh).
 
-Cost for N device ids and D dynamic groups: one query for the groups, ⌈N/900⌉ for static
-membership and D·⌈N/500⌉ for dynamic membership. The chunks keep every statement under
-SQLite's historical limit of 999 bound parameters (the dynamic chunk leaves room for the
-selector's own values: at most ~310 for the largest selector the API accepts).
+Cost for N device ids and D dynamic groups: one query for the groups, one for static
+membership and one per dynamic group — on PostgreSQL, where the ids travel as one array
+parameter (`id = ANY($1)`, up to 10,000 a statement). SQLite has no arrays: there the ids
+are an IN list in chunks (900 for static membership, 500 for dynamic groups, leaving room
+for the selector's own values, at most ~310), so that no statement passes SQLite's
+historical limit of 999 bound parameters. (An IN list of 500 parameters is also what makes
+PostgreSQL slow: it compares every candidate row against the list one by one — 1.5 s
+against 35 ms with the array for 10,000 devices.)
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.db.schema import devices, group_members, groups
@@ -25,6 +30,7 @@ from control_plane.devices.filters import GroupSelector, selector_clause
 
 STATIC_CHUNK = 900
 DYNAMIC_CHUNK = 500
+ARRAY_CHUNK = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +60,19 @@ def stored_selector(kind: str, selector: Any) -> GroupSelector | None:
     return GroupSelector.model_validate(selector or {}) if kind == "dynamic" else None
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def id_batches(
+    conn: AsyncConnection, column: sa.ColumnElement[str], ids: Sequence[str], *, chunk: int = STATIC_CHUNK
+) -> Iterator[sa.ColumnElement[bool]]:
+    """`column` among `ids`, as few clauses as the dialect allows (see the module docstring)."""
+    if conn.dialect.name == "postgresql":
+        for start in range(0, len(ids), ARRAY_CHUNK):
+            array = sa.bindparam(
+                "ids", list(ids[start : start + ARRAY_CHUNK]), type_=ARRAY(sa.String), unique=True
+            )
+            yield column == sa.any_(array)
+        return
+    for start in range(0, len(ids), chunk):
+        yield column.in_(list(ids[start : start + chunk]))
 
 
 async def _memberships(
@@ -79,11 +95,9 @@ async def _memberships(
     if not all_groups:
         return [], found
     if any(g.selector is None for g in all_groups):
-        for chunk in _chunks(ids, STATIC_CHUNK):
+        for among in id_batches(conn, group_members.c.device_id, ids):
             static = await conn.execute(
-                sa.select(group_members.c.device_id, group_members.c.group_id).where(
-                    group_members.c.device_id.in_(chunk)
-                )
+                sa.select(group_members.c.device_id, group_members.c.group_id).where(among)
             )
             for device_id, group_id in static:
                 found[device_id].add(group_id)
@@ -91,8 +105,8 @@ async def _memberships(
         if group.selector is None:
             continue
         clause = selector_clause(group.selector)
-        for chunk in _chunks(ids, DYNAMIC_CHUNK):
-            matching = await conn.execute(sa.select(devices.c.id).where(devices.c.id.in_(chunk), clause))
+        for among in id_batches(conn, devices.c.id, ids, chunk=DYNAMIC_CHUNK):
+            matching = await conn.execute(sa.select(devices.c.id).where(among, clause))
             for (device_id,) in matching:
                 found[device_id].add(group.id)
     return all_groups, found
