@@ -77,12 +77,14 @@ async def test_create_read_list_and_validation(stack: RunningControlPlane):
     await stack.api.post("/v1/groups", json={"id": "first", "name": "F", "kind": "static", "priority": 1})
 
     fetched = await stack.api.get("/v1/groups/eu-pilot")
-    assert fetched.headers["ETag"] == '"r1"' and fetched.json() == body
+    assert fetched.headers["ETag"] == '"r1"'
+    assert fetched.json() == body
     assert [g["id"] for g in (await stack.api.get("/v1/groups")).json()] == ["first", "a-static", "eu-pilot"]
     assert (await stack.api.get("/v1/groups/nope")).status_code == 404
 
     again = await stack.api.post("/v1/groups", json={"id": "eu-pilot", "name": "x", "kind": "static"})
-    assert again.status_code == 409 and again.json()["error"]["code"] == "group_exists"
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "group_exists"
     for spec, field in [
         ({"id": "d", "name": "d", "kind": "dynamic"}, "selector"),
         ({"id": "s", "name": "s", "kind": "static", "selector": {"role": ["pos"]}}, "selector"),
@@ -102,7 +104,8 @@ async def test_stale_if_match_is_refused_and_exactly_one_concurrent_writer_wins(
 
     updated = await stack.api.put("/v1/groups/g/layer", json=LAYER, headers={"If-Match": '"r1"'})
     assert updated.status_code == 200, updated.text
-    assert updated.headers["ETag"] == '"r2"' and updated.json()["layer"]["config"] == LAYER["config"]
+    assert updated.headers["ETag"] == '"r2"'
+    assert updated.json()["layer"]["config"] == LAYER["config"]
 
     stale = await stack.api.put("/v1/groups/g/layer", json={"config": {"x": 1}}, headers={"If-Match": '"r1"'})
     assert stale.status_code == 412
@@ -119,7 +122,8 @@ async def test_stale_if_match_is_refused_and_exactly_one_concurrent_writer_wins(
     assert sorted(r.status_code for r in racing) == [200, 412, 412, 412]
     winner = next(r for r in racing if r.status_code == 200).json()
     final = await stack.api.get("/v1/groups/g")
-    assert final.headers["ETag"] == '"r3"' and final.json()["layer"] == winner["layer"]
+    assert final.headers["ETag"] == '"r3"'
+    assert final.json()["layer"] == winner["layer"]
 
     assert (
         await stack.api.put("/v1/groups/g/selector", json={}, headers={"If-Match": '"r1"'})
@@ -132,7 +136,8 @@ async def test_stale_if_match_is_refused_and_exactly_one_concurrent_writer_wins(
     unconditional = await stack.api.patch(
         "/v1/groups/g", json={"name": "renamed"}
     )  # no If-Match: last writer wins
-    assert unconditional.status_code == 200 and unconditional.headers["ETag"] == '"r4"'
+    assert unconditional.status_code == 200
+    assert unconditional.headers["ETag"] == '"r4"'
     assert (await stack.api.delete("/v1/groups/g", headers={"If-Match": '"r4"'})).status_code == 204
     assert (await stack.api.get("/v1/groups/g")).status_code == 404
     assert (await stack.api.put("/v1/groups/g/layer", json={})).status_code == 404
@@ -152,9 +157,8 @@ async def test_static_membership_and_layer_changes_reach_the_members(
 
     added = await stack.api.post("/v1/groups/night/members", json={"device_ids": [one, two, one]})
     assert added.status_code == 200, added.text
-    assert (
-        added.json()["member_count"] == 2 and added.headers["ETag"] == '"r1"'
-    )  # membership is not the layer
+    assert added.json()["member_count"] == 2
+    assert added.headers["ETag"] == '"r1"'
     assert refreshes == [{one, two}]
     assert sorted(await member_ids(stack, "night")) == sorted([one, two])
     assert (await stack.device(one))["groups"] == ["night"]
@@ -165,10 +169,12 @@ async def test_static_membership_and_layer_changes_reach_the_members(
 
     refreshes.clear()
     again = await stack.api.post("/v1/groups/night/members", json={"device_ids": [one]})
-    assert again.json()["member_count"] == 2 and refreshes == []  # nothing changed, nothing to issue
+    assert again.json()["member_count"] == 2
+    assert refreshes == []
 
     unknown = await stack.api.post("/v1/groups/night/members", json={"device_ids": [outsider, "dev-missing"]})
-    assert unknown.status_code == 422 and "dev-missing" in unknown.json()["error"]["message"]
+    assert unknown.status_code == 422
+    assert "dev-missing" in unknown.json()["error"]["message"]
     assert (await stack.api.get("/v1/groups/night")).json()["member_count"] == 2  # nothing half-added
 
     new_layer = {"config": {"pos": {"printer": "star"}}}
@@ -221,14 +227,16 @@ async def test_dynamic_membership_follows_tags_and_selector(stack: RunningContro
     # Changing the selector re-evaluates exactly the devices that join or leave.
     refreshes.clear()
     response = await stack.api.put("/v1/groups/beta/selector", json={"store_id": ["S1"], "role": ["pos"]})
-    assert response.status_code == 200 and response.json()["selector"] == {
+    assert response.status_code == 200
+    assert response.json()["selector"] == {
         "store_id": ["S1"],
         "role": ["pos"],
     }
     assert refreshes == [{pos, kiosk}]
     assert await member_ids(stack, "beta") == [pos]
     bad = await stack.api.put("/v1/groups/beta/selector", json={"health_status": ["healthy"]})
-    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "health_status"
+    assert bad.status_code == 422
+    assert bad.json()["error"]["fields"][0]["field"] == "health_status"
 
     # Member listing takes the inventory filters and pages with its own cursors.
     await stack.api.put("/v1/groups/beta/selector", json={})
@@ -239,10 +247,12 @@ async def test_dynamic_membership_follows_tags_and_selector(stack: RunningContro
     assert foreign.status_code == 422  # a member-listing cursor is not a fleet-listing cursor
 
     static_only = await stack.api.post("/v1/groups/beta/members", json={"device_ids": [pos]})
-    assert static_only.status_code == 409 and static_only.json()["error"]["code"] == "group_dynamic"
+    assert static_only.status_code == 409
+    assert static_only.json()["error"]["code"] == "group_dynamic"
     await stack.api.post("/v1/groups", json={"id": "st", "name": "S", "kind": "static"})
     no_selector = await stack.api.put("/v1/groups/st/selector", json={"role": ["pos"]})
-    assert no_selector.status_code == 409 and no_selector.json()["error"]["code"] == "group_static"
+    assert no_selector.status_code == 409
+    assert no_selector.json()["error"]["code"] == "group_static"
 
 
 async def test_priority_orders_the_layers(stack: RunningControlPlane, tmp_path, refreshes):
@@ -263,7 +273,8 @@ async def test_priority_orders_the_layers(stack: RunningControlPlane, tmp_path, 
     assert [g for g, _ in (await layers_of(stack, device))[device]] == ["zeta", "alpha", "beta"]
     refreshes.clear()
     response = await stack.api.patch("/v1/groups/zeta", json={"priority": 30}, headers={"If-Match": '"r1"'})
-    assert response.status_code == 200 and response.headers["ETag"] == '"r2"'
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"r2"'
     assert refreshes == [{device}]
     assert [g for g, _ in (await layers_of(stack, device))[device]] == ["alpha", "beta", "zeta"]
     assert (await stack.device(device))["groups"] == ["alpha", "beta", "zeta"]

@@ -54,7 +54,9 @@ async def test_tags_filters_and_search_on_enrolled_devices(stack: RunningControl
     assert await list_ids(stack, model="POS*", role="kiosk") == [kiosk]
 
     page = (await stack.api.get("/v1/devices", params={"tag": "eu", "count": "true", "limit": 1})).json()
-    assert page["total"] == 2 and len(page["items"]) == 1 and page["next_cursor"]
+    assert page["total"] == 2
+    assert len(page["items"]) == 1
+    assert page["next_cursor"]
 
     records = await stack.control_plane.services.audit.records(action="device.tags")
     assert {(r["target"], tuple(r["detail"]["added"]), tuple(r["detail"]["removed"])) for r in records} == {
@@ -87,7 +89,8 @@ async def test_bad_filters_and_tags_are_refused_with_the_field(stack: RunningCon
     assert too_many.status_code == 422
     await stack.api.put(f"/v1/devices/{device}/tags", json={"tags": [f"t{i}" for i in range(30)]})
     over = await stack.api.patch(f"/v1/devices/{device}/tags", json={"add": ["x1", "x2", "x3"]})
-    assert over.status_code == 422 and "at most 32" in over.json()["error"]["message"]
+    assert over.status_code == 422
+    assert "at most 32" in over.json()["error"]["message"]
     assert len((await stack.device(device))["tags"]) == 30  # nothing half-applied
     missing = await stack.api.put("/v1/devices/dev-nope/tags", json={"tags": ["eu"]})
     assert missing.status_code == 404
