@@ -84,14 +84,16 @@ def _text_match(column: sa.ColumnElement[str], value: str) -> sa.ColumnElement[b
 
 
 def _has_all_tags(tags: list[str]) -> sa.ColumnElement[bool]:
-    wanted = sorted(set(tags))
-    tagged = (
-        sa.select(device_tags.c.device_id)
-        .where(device_tags.c.tag.in_(wanted))
-        .group_by(device_tags.c.device_id)
-        .having(sa.func.count() == len(wanted))
+    # One EXISTS per tag: index lookups on device_tags' primary key (device_id, tag). A
+    # GROUP BY … HAVING count(*) = n subquery reads the same, but PostgreSQL's generic plan
+    # for it (prepared statements, after five runs) re-aggregates per device: 1.3 s for
+    # 10,000 devices instead of 20 ms.
+    return sa.and_(
+        *(
+            sa.exists().where(device_tags.c.device_id == devices.c.id, device_tags.c.tag == tag)
+            for tag in sorted(set(tags))
+        )
     )
-    return devices.c.id.in_(tagged)
 
 
 def online_clause(online_after: datetime | None) -> sa.ColumnElement[bool]:

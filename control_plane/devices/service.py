@@ -21,7 +21,7 @@ from control_plane.devices.filters import DeviceSelector, selector_clause
 from control_plane.devices.models import CertificateView, DeviceListQuery, DevicePage, DeviceView
 from control_plane.devices.pagination import after, decode_cursor, encode_cursor, filter_digest, order_by
 from control_plane.errors import NotFound
-from control_plane.groups.membership import group_ids_for, id_batches
+from control_plane.groups.membership import among_ids, group_ids_for
 
 
 class DeviceService:
@@ -132,10 +132,9 @@ class DeviceService:
         """Device views with their tags and groups (two queries plus one per dynamic group)."""
         ids = [row.id for row in rows]
         tags: dict[str, list[str]] = defaultdict(list)
-        for among in id_batches(conn, device_tags.c.device_id, ids):
-            tagged = await conn.execute(
-                sa.select(device_tags.c.device_id, device_tags.c.tag).where(among).order_by(device_tags.c.tag)
-            )
+        tag_query = sa.select(device_tags.c.device_id, device_tags.c.tag).order_by(device_tags.c.tag)
+        for query in among_ids(conn, tag_query, device_tags.c.device_id, ids):
+            tagged = await conn.execute(query)
             for device_id, tag in tagged:
                 tags[device_id].append(tag)
         groups = await group_ids_for(conn, ids)

@@ -6,12 +6,16 @@ is seen by the very next refresh).
 
 Cost for N device ids and D dynamic groups: one query for the groups, one for static
 membership and one per dynamic group — on PostgreSQL, where the ids travel as one array
-parameter (`id = ANY($1)`, up to 10,000 a statement). SQLite has no arrays: there the ids
-are an IN list in chunks (900 for static membership, 500 for dynamic groups, leaving room
-for the selector's own values, at most ~310), so that no statement passes SQLite's
-historical limit of 999 bound parameters. (An IN list of 500 parameters is also what makes
-PostgreSQL slow: it compares every candidate row against the list one by one — 1.5 s
-against 35 ms with the array for 10,000 devices.)
+parameter joined as a table (`JOIN unnest($1) AS wanted(id)`, up to 10,000 a statement).
+SQLite has no arrays: there the ids are an IN list in chunks (900 for static membership,
+500 for dynamic groups, leaving room for the selector's own values, at most ~310), so that
+no statement passes SQLite's historical limit of 999 bound parameters.
+
+Why the join on PostgreSQL: with the ids as an IN list, or as `id = ANY($1)` once a prepared
+statement has switched to its generic plan (PostgreSQL does after five runs), the planner
+may compare each candidate row with each id. Measured for 10,000 devices (3 static + 5
+dynamic groups): `ANY($1)` 0.85 s from the sixth call on, the join 0.14 s on every call;
+IN lists of 500 were 2.1 s for just 1 static + 2 dynamic groups.
 """
 
 from __future__ import annotations
@@ -60,19 +64,30 @@ def stored_selector(kind: str, selector: Any) -> GroupSelector | None:
     return GroupSelector.model_validate(selector or {}) if kind == "dynamic" else None
 
 
-def id_batches(
-    conn: AsyncConnection, column: sa.ColumnElement[str], ids: Sequence[str], *, chunk: int = STATIC_CHUNK
-) -> Iterator[sa.ColumnElement[bool]]:
-    """`column` among `ids`, as few clauses as the dialect allows (see the module docstring)."""
+def among_ids(
+    conn: AsyncConnection,
+    query: sa.Select[Any],
+    column: sa.ColumnElement[str],
+    ids: Sequence[str],
+    *,
+    chunk: int = STATIC_CHUNK,
+) -> Iterator[sa.Select[Any]]:
+    """`query` restricted to rows whose `column` is among `ids`, in as few statements as the
+    dialect allows (see the module docstring)."""
     if conn.dialect.name == "postgresql":
         for start in range(0, len(ids), ARRAY_CHUNK):
             array = sa.bindparam(
                 "ids", list(ids[start : start + ARRAY_CHUNK]), type_=ARRAY(sa.String), unique=True
             )
-            yield column == sa.any_(array)
+            wanted = (
+                sa.func.unnest(array)
+                .table_valued(sa.column("id", sa.String))
+                .render_derived(name="wanted", with_types=False)
+            )
+            yield query.join(wanted, wanted.c.id == column)
         return
     for start in range(0, len(ids), chunk):
-        yield column.in_(list(ids[start : start + chunk]))
+        yield query.where(column.in_(list(ids[start : start + chunk])))
 
 
 async def _memberships(
@@ -95,18 +110,18 @@ async def _memberships(
     if not all_groups:
         return [], found
     if any(g.selector is None for g in all_groups):
-        for among in id_batches(conn, group_members.c.device_id, ids):
-            static = await conn.execute(
-                sa.select(group_members.c.device_id, group_members.c.group_id).where(among)
-            )
+        members = sa.select(group_members.c.device_id, group_members.c.group_id)
+        for query in among_ids(conn, members, group_members.c.device_id, ids):
+            static = await conn.execute(query)
             for device_id, group_id in static:
                 found[device_id].add(group_id)
     for group in all_groups:
         if group.selector is None:
             continue
         clause = selector_clause(group.selector)
-        for among in id_batches(conn, devices.c.id, ids, chunk=DYNAMIC_CHUNK):
-            matching = await conn.execute(sa.select(devices.c.id).where(among, clause))
+        matching_query = sa.select(devices.c.id).where(clause)
+        for query in among_ids(conn, matching_query, devices.c.id, ids, chunk=DYNAMIC_CHUNK):
+            matching = await conn.execute(query)
             for (device_id,) in matching:
                 found[device_id].add(group.id)
     return all_groups, found
