@@ -34,8 +34,10 @@ from control_plane.desired.service import ConfigService
 from control_plane.devices.lifecycle import DeviceLifecycle
 from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
+from control_plane.devices.tags import DeviceTags
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
+from control_plane.groups.service import GroupService
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
@@ -72,6 +74,8 @@ class Services:
     ca: CAGateway
     config: ConfigService
     commands: CommandService
+    tags: DeviceTags
+    groups: GroupService
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -234,6 +238,8 @@ class ControlPlane:
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
             commands=commands,
+            tags=DeviceTags(engine=engine, publisher=publisher, audit=audit),
+            groups=GroupService(engine=engine, publisher=publisher, audit=audit),
         )
 
     async def close(self) -> None:

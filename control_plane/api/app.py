@@ -19,6 +19,7 @@ from control_plane.desired.routes import signing_keys_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
+from control_plane.groups.routes import router as groups_router
 from control_plane.stores.routes import router as stores_router
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(signing_keys_router)
     app.include_router(device_commands_router)
     app.include_router(commands_router)
+    app.include_router(groups_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

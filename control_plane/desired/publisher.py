@@ -32,6 +32,7 @@ from protocol.versions import SCHEMA_VERSION
 logger = logging.getLogger(__name__)
 
 PUBLISH_CONCURRENCY = 500
+REFRESH_CHUNK = 2000
 
 
 class Publisher(Protocol):
@@ -64,7 +65,12 @@ class DesiredStatePublisher:
         return await self._refresh(devices.c.store_id == store_id)
 
     async def refresh_devices(self, device_ids: Iterable[str]) -> int:
-        return await self._refresh(devices.c.id.in_(list(device_ids)))
+        # Chunked: a group change may touch more devices than a statement may bind parameters.
+        ids = list(dict.fromkeys(device_ids))
+        issued = 0
+        for start in range(0, len(ids), REFRESH_CHUNK):
+            issued += await self._refresh(devices.c.id.in_(ids[start : start + REFRESH_CHUNK]))
+        return issued
 
     async def refresh_all(self) -> int:
         """Every active device (a platform-wide change such as a signing-key rotation)."""

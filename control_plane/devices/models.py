@@ -8,7 +8,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from control_plane.devices.filters import DeviceSelector, Tag
+from control_plane.devices.pagination import MAX_CURSOR_CHARS, DeviceSort, SortOrder
 from control_plane.errors import InvalidInput
+
+MAX_TAGS = 32
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -33,6 +37,7 @@ class DeviceView(BaseModel):
     hostname: str
     agent_version: str
     enrolled_at: datetime
+    first_seen_at: datetime | None
     last_seen_at: datetime | None
     online: bool
     desired_version: int
@@ -43,13 +48,45 @@ class DeviceView(BaseModel):
     apply_detail: str | None
     health: dict[str, Any] | None
     health_at: datetime | None
+    health_status: str = Field(description="healthy, unhealthy or unknown (no report yet)")
     cert_serial: str | None
     cert_not_after: datetime | None
+    tags: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list, description="ids of its groups, in layer order")
 
 
 class DevicePage(BaseModel):
     items: list[DeviceView]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+    total: int | None = Field(default=None, description="devices matching the filters (with count=true)")
+
+
+class DeviceListQuery(DeviceSelector):
+    """Query parameters of `GET /v1/devices`: the filters, then sort and page.
+
+    Lists are repeated parameters (`?role=pos&role=kiosk`); unknown parameters are refused.
+    """
+
+    sort: DeviceSort = DeviceSort.ID
+    order: SortOrder = SortOrder.ASC
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    cursor: Annotated[str, Field(min_length=1, max_length=MAX_CURSOR_CHARS)] | None = None
+    count: Annotated[bool, Field(description="also return the number of matching devices")] = False
+
+
+class TagsReplace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)]
+
+
+class TagsChange(BaseModel):
+    """Add and remove in one step (removals first), so concurrent editors do not overwrite each other."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    add: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
+    remove: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
 
 
 class RevokeRequest(BaseModel):

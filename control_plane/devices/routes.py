@@ -9,9 +9,12 @@ from fastapi import APIRouter, Body, Query, status
 from control_plane.api.deps import OperatorDep, ServicesDep
 from control_plane.devices.models import (
     CertificateView,
+    DeviceListQuery,
     DevicePage,
     DeviceView,
     RevokeRequest,
+    TagsChange,
+    TagsReplace,
     parse_duration,
 )
 from control_plane.enrollment.models import TokenCreate, TokenCreated
@@ -22,17 +25,34 @@ certificates_router = APIRouter(prefix="/v1/certificates", tags=["certificates"]
 
 @router.get("")
 async def list_devices(
-    services: ServicesDep,
-    _operator: OperatorDep,
-    store_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    query: Annotated[DeviceListQuery, Query()], services: ServicesDep, _operator: OperatorDep
 ) -> DevicePage:
-    return await services.devices.list_devices(store_id=store_id, limit=limit, cursor=cursor)
+    """Filter, search (`q`), sort and page the inventory. Lists are repeated parameters
+    (`?role=pos&role=kiosk`); `tag` requires all given tags; `state` defaults to active.
+    Follow `next_cursor` until it is null; a cursor only works with the query that made it."""
+    return await services.devices.list_devices(query)
 
 
 @router.get("/{device_id}")
 async def get_device(device_id: str, services: ServicesDep, _operator: OperatorDep) -> DeviceView:
+    return await services.devices.get(device_id)
+
+
+@router.put("/{device_id}/tags")
+async def replace_device_tags(
+    device_id: str, tags: TagsReplace, services: ServicesDep, operator: OperatorDep
+) -> DeviceView:
+    """Make the device's tags exactly these (dynamic groups selecting on tags follow)."""
+    await services.tags.replace(device_id, tags.tags, actor=operator.name)
+    return await services.devices.get(device_id)
+
+
+@router.patch("/{device_id}/tags")
+async def change_device_tags(
+    device_id: str, change: TagsChange, services: ServicesDep, operator: OperatorDep
+) -> DeviceView:
+    """Remove `remove`, then add `add`, against the device's tags at that moment."""
+    await services.tags.change(device_id, add=change.add, remove=change.remove, actor=operator.name)
     return await services.devices.get(device_id)
 
 

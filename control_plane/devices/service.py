@@ -7,18 +7,21 @@ offline by staleness.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control_plane.clock import Clock, utc_now
-from control_plane.db.schema import certificates, devices
-from control_plane.devices.models import CertificateView, DevicePage, DeviceView
+from control_plane.db.schema import certificates, device_tags, devices
+from control_plane.devices.filters import DeviceSelector, selector_clause
+from control_plane.devices.models import CertificateView, DeviceListQuery, DevicePage, DeviceView
+from control_plane.devices.pagination import after, decode_cursor, encode_cursor, filter_digest, order_by
 from control_plane.errors import NotFound
-
-MAX_PAGE = 1000
+from control_plane.groups.membership import among_ids, group_ids_for
 
 
 class DeviceService:
@@ -30,24 +33,42 @@ class DeviceService:
     async def get(self, device_id: str) -> DeviceView:
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(devices).where(devices.c.id == device_id))).first()
-        if row is None:
-            raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
-        return self._view(row._mapping)
+            if row is None:
+                raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
+            return (await self._views(conn, [row]))[0]
 
     async def list_devices(
-        self, *, store_id: str | None = None, limit: int = 100, cursor: str | None = None
+        self, query: DeviceListQuery, *, within: sa.ColumnElement[bool] | None = None, scope: str = ""
     ) -> DevicePage:
-        """Devices ordered by id; `cursor` is the last id of the previous page."""
-        limit = max(1, min(limit, MAX_PAGE))
-        query = sa.select(devices).order_by(devices.c.id).limit(limit + 1)
-        if store_id is not None:
-            query = query.where(devices.c.store_id == store_id)
-        if cursor:
-            query = query.where(devices.c.id > cursor)
+        """One page of the devices matching `query` (and `within`, e.g. a group's members).
+
+        `scope` names what `within` restricts to, so a cursor is only honoured in its own listing.
+        """
+        sort, order = query.sort, query.order
+        where = selector_clause(query, online_after=self._clock() - self._offline_after)
+        if within is not None:
+            where = sa.and_(where, within)
+        filters = query.model_dump(mode="json", include=set(DeviceSelector.model_fields))
+        digest = filter_digest({"filters": filters, "scope": scope})
+        page_query = sa.select(devices).where(where)
+        if query.cursor is not None:
+            cursor = decode_cursor(query.cursor, sort=sort, order=order, digest=digest)
+            page_query = page_query.where(after(cursor, sort, order))
+        page_query = page_query.order_by(*order_by(sort, order)).limit(query.limit + 1)
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        items = [self._view(row._mapping) for row in rows[:limit]]
-        return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+            rows = (await conn.execute(page_query)).all()
+            total = (
+                await conn.scalar(sa.select(sa.func.count()).select_from(devices).where(where))
+                if query.count
+                else None
+            )
+            items = await self._views(conn, rows[: query.limit])
+        next_cursor = (
+            encode_cursor(rows[query.limit - 1]._mapping, sort=sort, order=order, digest=digest)
+            if len(rows) > query.limit
+            else None
+        )
+        return DevicePage(items=items, next_cursor=next_cursor, total=total)
 
     async def list_certificates(
         self, *, expiring_within: timedelta | None, status: str | None, device_id: str | None, limit: int
@@ -107,6 +128,23 @@ class DeviceService:
             )
             return {(r[0], bool(r[1])): int(r[2]) for r in rows}
 
+    async def _views(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[DeviceView]:
+        """Device views with their tags and groups (two queries plus one per dynamic group)."""
+        ids = [row.id for row in rows]
+        tags: dict[str, list[str]] = defaultdict(list)
+        tag_query = sa.select(device_tags.c.device_id, device_tags.c.tag).order_by(device_tags.c.tag)
+        for query in among_ids(conn, tag_query, device_tags.c.device_id, ids):
+            tagged = await conn.execute(query)
+            for device_id, tag in tagged:
+                tags[device_id].append(tag)
+        groups = await group_ids_for(conn, ids)
+        return [
+            self._view(row._mapping).model_copy(
+                update={"tags": tags[row.id], "groups": groups.get(row.id, [])}
+            )
+            for row in rows
+        ]
+
     def _view(self, row: Any) -> DeviceView:
         last_seen = row["last_seen_at"]
         fresh = last_seen is not None and last_seen >= self._clock() - self._offline_after
@@ -121,6 +159,7 @@ class DeviceService:
             hostname=row["hostname"],
             agent_version=row["agent_version"],
             enrolled_at=row["enrolled_at"],
+            first_seen_at=row["first_seen_at"],
             last_seen_at=last_seen,
             online=bool(row["online"]) and fresh,
             desired_version=row["desired_version"],
@@ -131,6 +170,7 @@ class DeviceService:
             apply_detail=row["apply_detail"],
             health=row["health"],
             health_at=row["health_at"],
+            health_status=row["health_status"],
             cert_serial=row["cert_serial"],
             cert_not_after=row["cert_not_after"],
         )

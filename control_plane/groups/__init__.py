@@ -1,0 +1,1 @@
+"""Device groups: static (explicit members) and dynamic (saved selectors), each a configuration layer."""
