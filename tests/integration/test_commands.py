@@ -88,7 +88,7 @@ async def test_ping_round_trip_is_visible_in_the_api(cp: RunningControlPlane, tm
     async with running(enrolled.build()) as agent:
         await agent.wait_applied(1)
         created = await post_command(cp, enrolled.device_id, {"name": "ping"})
-        assert created["status"] in ("queued", "sent")
+        assert created["status"] in ("queued", "sent", "succeeded")  # a fast device may answer first
         assert created["created_by"] == "admin"
         view = await wait_command(cp, created["id"], done)
 
