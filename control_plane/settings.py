@@ -53,6 +53,11 @@ class ControlPlaneSettings(BaseSettings):
     renewal_queue_size: int = Field(default=1000, gt=0)
     renewal_workers: int = Field(default=2, ge=1)
     log_format: str = Field(default="text", pattern="^(text|json)$")
+    # Rollouts: how often the driver evaluates them; the leader lease's time to live (a new
+    # replica takes over this long after the leader dies); whether this replica may drive.
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    rollout_lease_ttl_s: float = Field(default=10.0, gt=0)
+    rollout_driver: bool = True
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.
