@@ -168,6 +168,7 @@ class RolloutDriver:
                 devices.c.apply_status,
                 devices.c.apply_reported_at,
                 devices.c.health_status,
+                devices.c.health,
                 devices.c.health_at,
                 devices.c.online,
                 devices.c.last_seen_at,
@@ -193,7 +194,7 @@ class RolloutDriver:
                 applied_version=r.applied_version,
                 apply_status=r.apply_status,
                 apply_reported_at=r.apply_reported_at,
-                health_status=r.health_status,
+                health_status=_health_verdict(r.health_status, r.health),
                 health_at=r.health_at,
                 online=r.online,
                 last_seen_at=r.last_seen_at,
@@ -327,6 +328,13 @@ class RolloutDriver:
                 )
             )
         logger.info("rollout %s rolled back: %d devices, %d new versions", rollout_id, len(rolled), issued)
+
+
+def _health_verdict(status: str, summary: dict[str, Any] | None) -> str:
+    """`health_status` when the health ingest has set it, else the last report's own verdict."""
+    if status != "unknown" or not summary or "healthy" not in summary:
+        return status
+    return "healthy" if summary["healthy"] else "unhealthy"
 
 
 async def _apply_transitions(
