@@ -353,7 +353,7 @@ def test_devices_in_trading_stores_are_deferred_until_closing_time():
     the_plan = plan(window="closed_hours", waves=[Wave(percent=100)], bake_s=0)
     devices = waved(fleet(2, stores=2), the_plan)
     devices[0].timezone = devices[1].timezone = "Europe/Berlin"
-    devices[0].trading_hours = BERLIN_HOURS  # s0 trades 08:00–20:00
+    devices[0].trading_hours = BERLIN_HOURS  # s0 trades 08:00-20:00
     sim = Sim(the_plan, devices, start=datetime(2026, 12, 7, 12, 0, tzinfo=UTC))  # 13:00 Berlin
     sim.step()
     assert sim.devices["d000"].state is DeviceState.DEFERRED
