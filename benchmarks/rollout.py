@@ -71,23 +71,23 @@ async def _fleet(
         enrolled_s = time.perf_counter() - started
         fleet.start()
         try:
-            await _all_at(applied, count, 1, timeout=300)
+            await _all_at(applied, count, 1, within_s=300)
             conn.send({"enroll_seconds": enrolled_s, "ready_seconds": time.perf_counter() - started})
             while True:
                 command = await asyncio.to_thread(conn.recv)
                 if command == "stop":
                     return
-                last = await _all_at(applied, count, int(command), timeout=300)
+                last = await _all_at(applied, count, int(command), within_s=300)
                 conn.send(last)
         finally:
             await fleet.stop()
 
 
 async def _all_at(
-    applied: dict[str, tuple[int, float]], count: int, version: int, *, timeout: float
+    applied: dict[str, tuple[int, float]], count: int, version: int, *, within_s: float
 ) -> float:
     """Wall-clock time at which the last device applied `version` (or later)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while True:
         done = [at for v, at in applied.values() if v >= version]
         if len(done) == count:
@@ -192,7 +192,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 child.terminate()
     return {
         "benchmark": "rollout",
-        "backend": f"{'PostgreSQL' if args.postgres else 'SQLite'}, {'Mosquitto' if args.mosquitto else 'embedded amqtt'}",
+        "backend": ", ".join(
+            ["PostgreSQL" if args.postgres else "SQLite", "Mosquitto" if args.mosquitto else "embedded amqtt"]
+        ),
         "devices": args.devices,
         "rollout_tick_s": args.tick,
         "agent_health_interval_s": args.health_interval,
