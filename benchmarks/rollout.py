@@ -173,6 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 cpu0, started = _cpu(me), time.time()
                 (await cp.api.post("/v1/rollouts", json=body)).raise_for_status()
                 parent.send("2")
+                issued = await _wait_issued(cp, args.devices, started)
                 reported = await _wait_states(cp, {"applied", "healthy"}, args.devices, started)
                 completed = await _wait_rollout(cp, "completed", started)
                 applied_at = await asyncio.to_thread(parent.recv)
@@ -199,6 +200,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rollout_tick_s": args.tick,
         "agent_health_interval_s": args.health_interval,
         "enroll_seconds": round(ready["enroll_seconds"], 1),
+        "all_issued_s": round(issued, 2),
         "all_applied_s": round(applied_at - started, 2),
         "all_reported_s": round(reported, 2),
         "completed_s": round(completed, 2),
@@ -224,6 +226,22 @@ async def _wait_states(cp: Any, states: set[str], count: int, started: float) ->
         if sum(n for state, n in view["states"].items() if state in states) >= count:
             return time.time() - started
         await asyncio.sleep(0.05)
+
+
+async def _wait_issued(cp: Any, count: int, started: float) -> float:
+    """Every device has its new version issued (signed, stored; publishing follows)."""
+    import sqlalchemy as sa
+
+    from control_plane.db.schema import rollout_devices
+
+    while True:
+        async with cp.control_plane.services.engine.connect() as conn:
+            done = await conn.scalar(
+                sa.select(sa.func.count()).where(rollout_devices.c.target_version.is_not(None))
+            )
+        if (done or 0) >= count:
+            return time.time() - started
+        await asyncio.sleep(0.02)
 
 
 async def _wait_rollout(cp: Any, state: str, started: float) -> float:

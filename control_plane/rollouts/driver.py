@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
@@ -254,7 +255,8 @@ class RolloutDriver:
             await self._issue(rollout_id, list(pending))
 
     async def _issue(self, rollout_id: str, device_ids: Sequence[str]) -> None:
-        await self._publisher.refresh_devices(device_ids)
+        started = time.perf_counter()
+        issued = await self._publisher.refresh_devices(device_ids)
         async with self._engine.begin() as conn:
             await self.lease.fence(conn)
             for start in range(0, len(device_ids), _CHUNK):
@@ -272,6 +274,13 @@ class RolloutDriver:
                         .scalar_subquery()
                     )
                 )
+        logger.info(
+            "rollout %s: %d devices moved, %d versions issued in %.2f s",
+            rollout_id,
+            len(device_ids),
+            issued,
+            time.perf_counter() - started,
+        )
 
     async def _rollback(self, rollout_id: str, seen_state: str) -> None:
         now = self._clock()
