@@ -58,14 +58,16 @@ async def _fleet(
     def on_applied(device_id: str, version: int) -> None:
         applied[device_id] = (version, time.time())
 
-    with simulator_settings(health_interval_s=health_s, reconnect_min_s=0.5, reconnect_max_s=5) as settings:
+    with simulator_settings(
+        health_interval_s=health_s, reconnect_min_s=0.5, reconnect_max_s=5, http_timeout_s=120
+    ) as settings:
         started = time.perf_counter()
         fleet = await enroll_fleet(
             [DeviceSpec(token=token, role="pos") for _ in range(count)],
             server_url=base_url,
             ca_fingerprint=fingerprint,
             settings=settings,
-            concurrency=100,
+            concurrency=32,
             on_applied=on_applied,
         )
         enrolled_s = time.perf_counter() - started
@@ -149,7 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         child.start()
         try:
-            ready = await asyncio.to_thread(parent.recv)
+            ready = await _receive(parent, child)
             me = psutil.Process()
             response = await cp.api.post(
                 "/v1/releases",
@@ -176,7 +178,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 issued = await _wait_issued(cp, args.devices, started)
                 reported = await _wait_states(cp, {"applied", "healthy"}, args.devices, started)
                 completed = await _wait_rollout(cp, "completed", started)
-                applied_at = await asyncio.to_thread(parent.recv)
+                applied_at = await _receive(parent, child)
                 rollout_cpu, rollout_rss = _cpu(me) - cpu0, me.memory_info().rss / 2**20
 
                 cpu1, rb_started = _cpu(me), time.time()
@@ -184,7 +186,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 parent.send("3")
                 rolled = await _wait_rollout(cp, "rolled_back", rb_started)
                 rb_reported = await _wait_applied_version(cp, 3, args.devices, rb_started)
-                rb_applied_at = await asyncio.to_thread(parent.recv)
+                rb_applied_at = await _receive(parent, child)
                 rollback_cpu, rollback_rss = _cpu(me) - cpu1, me.memory_info().rss / 2**20
             parent.send("stop")
         finally:
@@ -213,6 +215,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rollback_rss_mb": round(rollback_rss),
         "goal": "10000 devices: applied and reported < 5 s, rollback < 10 s (Mosquitto)",
     }
+
+
+async def _receive(parent: Connection, child: Any) -> Any:
+    """The fleet's next message; fails instead of waiting forever if the fleet died."""
+    while not await asyncio.to_thread(parent.poll, 1.0):
+        if not child.is_alive():
+            raise RuntimeError(f"the fleet process exited ({child.exitcode})")
+    return parent.recv()
 
 
 def _cpu(process: psutil.Process) -> float:

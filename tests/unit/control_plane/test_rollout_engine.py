@@ -444,3 +444,18 @@ def test_keep_known_good_never_moves_every_till_of_a_store_at_once():
     single = Sim(the_plan, waved(fleet(1, stores=1), the_plan))
     single.step()
     assert len(single.sent_now()) == 1  # a store's only device of a role cannot wait for a peer
+
+
+def test_plan_validation():
+    hours = Plan(maintenance_hours={"mon-fri": "01:00-05:00", "sat-sun": "closed"}).maintenance_hours
+    assert hours is not None
+    assert hours["mon"] == [["01:00", "05:00"]]
+    assert hours["sun"] == []
+    with pytest.raises(ValueError, match="maintenance_hours"):
+        Plan(maintenance_hours={"mon": "01:00-05:00"})  # the other days are not said
+    with pytest.raises(ValueError, match="last wave must be percent 100"):
+        Plan(waves=[Wave(count=1), Wave(percent=50)])
+    with pytest.raises(ValueError, match="must not decrease"):
+        Plan(waves=[Wave(percent=50), Wave(percent=25), Wave(percent=100)])
+    with pytest.raises(ValueError, match="per applies to count waves"):
+        Wave(percent=10, per="region")
