@@ -54,6 +54,7 @@ LEASE_NAME = "rollout-driver"
 _CHUNK = 5000
 # Versions issued per publisher refresh: small enough that publishing overlaps signing.
 _ISSUE_CHUNK = 1000
+_DUTY_FACTOR = 2.0
 # Per-device events for these transitions (rare and worth a look); the rest are counted.
 _NOTABLE = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT, DeviceState.SKIPPED})
 _NOTABLE_LISTED = 50
@@ -86,6 +87,7 @@ class RolloutDriver:
             clock=clock,
         )
         self._wakeup = asyncio.Event()
+        self._evaluating_s = 0.0
         self.ticks = 0
 
     def wake(self) -> None:
@@ -99,6 +101,7 @@ class RolloutDriver:
         """Drive rollouts while holding the lease, until cancelled."""
         try:
             while True:
+                self._evaluating_s = 0.0
                 try:
                     if await self.lease.acquire_or_renew():
                         await self.tick()
@@ -106,8 +109,13 @@ class RolloutDriver:
                     logger.warning("rollout lease lost; another replica drives rollouts now")
                 except Exception:
                     logger.exception("rollout tick failed; retrying")
+                # Evaluating costs time proportional to the devices in unfinished rollouts: wait
+                # at least twice as long as it took, so polling keeps to about a third of a core
+                # (the ingest and publisher share it). Issuing versions is not counted: it is
+                # work done, not polling. An API call on this replica wakes it early.
+                pause = max(self._tick_s, _DUTY_FACTOR * self._evaluating_s)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._tick_s)
+                    await asyncio.wait_for(self._wakeup.wait(), pause)
                 self._wakeup.clear()
         finally:
             with contextlib.suppress(Exception):
@@ -143,13 +151,16 @@ class RolloutDriver:
             failures_accepted=row.failures_accepted,
             plan=Plan.model_validate(row.plan),
         )
+        started = time.perf_counter()
         statuses = await self._load(row.id)
         now = self._clock()
         decided = step(rollout, statuses, now)
         if not decided.transitions and decided.state is None and decided.current_wave is None:
+            self._evaluating_s += time.perf_counter() - started
             return
         versions = {d.device_id: d.desired_version for d in statuses}
         await self._persist(row, decided, versions, now)
+        self._evaluating_s += time.perf_counter() - started
         if decided.sends:
             await self._issue(row.id, decided.sends)
         if decided.rollback:
