@@ -46,6 +46,9 @@ from control_plane.pki.gateway import CAGateway
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from control_plane.pki.service_identity import ServiceIdentity
 from control_plane.pki.signing_keys import SigningKeyring
+from control_plane.releases.service import ReleaseService
+from control_plane.rollouts.driver import RolloutDriver
+from control_plane.rollouts.service import RolloutService
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stores.service import StoreService
 from protocol.messages import BrokerEndpoint
@@ -76,6 +79,9 @@ class Services:
     commands: CommandService
     tags: DeviceTags
     groups: GroupService
+    releases: ReleaseService
+    rollouts: RolloutService
+    rollout_driver: RolloutDriver
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -203,6 +209,9 @@ class ControlPlane:
         )
         ingest.route_commands(commands.submit_result, on_online=commands.device_online)
         registry = RevocationRegistry(engine=engine, gateway=gateway, crl_path=s.pki_dir / "crl.pem")
+        rollout_driver = RolloutDriver(
+            engine=engine, publisher=publisher, tick_s=s.rollout_tick_s, lease_ttl_s=s.rollout_lease_ttl_s
+        )
         self._services = Services(
             engine=engine,
             audit=audit,
@@ -234,6 +243,9 @@ class ControlPlane:
             lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
             ca=gateway,
             config=ConfigService(engine=engine, publisher=publisher, keyring=keyring, audit=audit),
+            releases=ReleaseService(engine=engine, audit=audit),
+            rollouts=RolloutService(engine=engine, audit=audit, wake_driver=rollout_driver.wake),
+            rollout_driver=rollout_driver,
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
@@ -297,6 +309,11 @@ class ControlPlane:
                     group.create_task(services.link.run(), name="broker-link"),
                     group.create_task(services.renewals.run(), name="renewals"),
                     group.create_task(services.commands.run(), name="commands"),
+                    *(
+                        [group.create_task(services.rollout_driver.run(), name="rollout-driver")]
+                        if s.rollout_driver
+                        else []
+                    ),
                 ]
                 try:
                     await self._serve_http()

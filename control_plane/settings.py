@@ -62,6 +62,11 @@ class ControlPlaneSettings(BaseSettings):
     command_sweep_interval_s: float = Field(default=5.0, gt=0)
     command_resend_after_s: float = Field(default=60.0, gt=0)
     artifact_max_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+    # Rollouts: how often the driver evaluates them; the leader lease's time to live (a new
+    # replica takes over this long after the leader dies); whether this replica may drive.
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    rollout_lease_ttl_s: float = Field(default=10.0, gt=0)
+    rollout_driver: bool = True
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.

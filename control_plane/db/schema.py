@@ -300,3 +300,91 @@ commands = sa.Table(
     sa.Column("artifact_path", sa.String(500), nullable=True),
     sa.Column("artifact_bytes", sa.BigInteger, nullable=True),
 )
+
+# --- releases and rollouts (migration 0004) ----------------------------------------------
+
+# An immutable configuration change: a ConfigLayer ({"config", "policies", "checks"}).
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("notes", sa.String(4000), nullable=False, server_default=""),
+    sa.Column("layer", sa.JSON, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("release_id", sa.String(64), sa.ForeignKey("releases.id"), nullable=False, index=True),
+    sa.Column("selector", sa.JSON, nullable=False),
+    sa.Column("plan", sa.JSON, nullable=False),
+    # scheduled | running | paused | completed | aborted | rolling_back | rolled_back
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("reason", sa.String(500), nullable=True),
+    sa.Column("current_wave", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("wave_started_at", UTCDateTime, nullable=True),
+    # Failures an operator accepted by resuming after a pause: the threshold counts from here.
+    sa.Column("failures_accepted", sa.Integer, nullable=False, server_default="0"),
+    # Orders release layers on a device that is in several rollouts (higher applies later).
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("start_at", UTCDateTime, nullable=True),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+)
+
+# One row per targeted device: its wave and where it is in the rollout's state machine.
+rollout_devices = sa.Table(
+    "rollout_devices",
+    metadata,
+    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), primary_key=True, index=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("store_id", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(64), nullable=True),
+    # queued | deferred | sent | applied | healthy | failed | timed_out | skipped | rolled_back
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(200), nullable=True),
+    sa.Column("previous_version", sa.Integer, nullable=True),
+    sa.Column("target_version", sa.Integer, nullable=True),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("applied_at", UTCDateTime, nullable=True),
+    sa.Column("settled_at", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The release layer: which releases are in force on a device (assembly appends them last).
+device_releases = sa.Table(
+    "device_releases",
+    metadata,
+    sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("release_id", sa.String(64), sa.ForeignKey("releases.id"), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+
+rollout_events = sa.Table(
+    "rollout_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.String(64), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_rollout_events_rollout_id", "rollout_id", "id"),
+)
+
+# Leader leases with a fencing token: one replica drives rollouts; its writes check the token.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("token", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)

@@ -6,6 +6,7 @@
     → store                                               source "store:<id>"
     → groups, by (priority, id)                           source "group:<id>"
     → device overrides                                    source "device:<id>"
+    → releases in force (rollouts), by seq                source "release:<id>"
 
 One query for the devices with their store, one for the template versions in use, one
 (chunked) for group memberships: a refresh of ten thousand devices costs a handful of
@@ -21,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from control_plane.db.schema import devices, stores, template_versions
+from control_plane.db.schema import device_releases, devices, releases, stores, template_versions
 from control_plane.groups.membership import group_layers_for
 
 Layer = Mapping[str, Any]
@@ -61,6 +62,7 @@ async def assemble(conn: AsyncConnection, which: sa.ColumnElement[bool]) -> list
         return []
     specs = await _template_specs(conn, {(r.template_id, r.template_version) for r in rows if r.template_id})
     memberships = await group_layers_for(conn, [r.id for r in rows])
+    released = await release_layers_for(conn, [r.id for r in rows])
     assembled: list[DeviceLayers] = []
     for row in rows:
         item = DeviceLayers(row.id, row.store_id, row.role, row.desired_version, row.desired_hash)
@@ -78,8 +80,27 @@ async def assemble(conn: AsyncConnection, which: sa.ColumnElement[bool]) -> list
             item.layers.append((f"group:{group.group_id}", group.layer))
         if row.overrides:
             item.layers.append((f"device:{row.id}", row.overrides))
+        item.layers.extend(released.get(row.id, ()))
         assembled.append(item)
     return assembled
+
+
+async def release_layers_for(
+    conn: AsyncConnection, device_ids: list[str]
+) -> dict[str, list[tuple[str, Layer]]]:
+    """The rollout release layers in force on each device, in `seq` order (chunked IN lists)."""
+    found: dict[str, list[tuple[str, Layer]]] = {}
+    for start in range(0, len(device_ids), 5000):
+        chunk = device_ids[start : start + 5000]
+        rows = await conn.execute(
+            sa.select(device_releases.c.device_id, releases.c.id, releases.c.layer)
+            .join(releases, releases.c.id == device_releases.c.release_id)
+            .where(device_releases.c.device_id.in_(chunk))
+            .order_by(device_releases.c.device_id, device_releases.c.seq, device_releases.c.rollout_id)
+        )
+        for row in rows:
+            found.setdefault(row.device_id, []).append((f"release:{row.id}", row.layer))
+    return found
 
 
 async def _template_specs(

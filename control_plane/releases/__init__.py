@@ -1,0 +1,1 @@
+"""Releases: immutable, named configuration changes that rollouts carry to devices."""

@@ -1,0 +1,1 @@
+"""Staged rollouts of releases: waves, health gate, thresholds, windows, rollback."""

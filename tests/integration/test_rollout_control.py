@@ -1,0 +1,178 @@
+"""Rollout control over the API (embedded stack): validation errors name the field; pause,
+resume, manual rollback of a completed rollout; a device turning unhealthy after the apply;
+devices in trading stores deferred; the SSE event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from agent.health import SimulatedProbe
+from control_plane.desired.layers import content_hash
+from tests.conftest import start_stack
+from tests.integration.test_rollouts import PLAN, _agent, _fleet, _release, _run, _versions, _wait_rollout
+
+pytestmark = pytest.mark.integration
+
+
+async def test_bad_input_is_refused_with_the_field(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path) as cp:
+        await cp.create_store("ES-MAD-0001")
+        bad_release = await cp.api.post(
+            "/v1/releases", json={"name": "x", "layer": {"config": {}, "extra": 1}}
+        )
+        assert bad_release.status_code == 422
+        assert bad_release.json()["error"]["fields"][0]["field"] == "layer.extra"
+        empty = await cp.api.post("/v1/releases", json={"name": "x", "layer": {}})
+        assert empty.status_code == 422
+        assert "must change something" in empty.json()["error"]["message"]
+        policy = await cp.api.post(
+            "/v1/releases", json={"name": "x", "layer": {"policies": {"bad name!": 1}}}
+        )
+        assert policy.status_code == 422
+        await _release(cp, "r1", {"config": {"a": 1}})
+
+        async def create(**changes):
+            body = {"release_id": "r1", "selector": {"stores": ["ES-MAD-0001"]}, "plan": {}, **changes}
+            return await cp.api.post("/v1/rollouts", json=body)
+
+        response = await create(plan={"waves": [{"percent": 50}]})
+        assert response.status_code == 422
+        assert response.json()["error"]["fields"][0]["field"] == "plan.waves"
+        response = await create(plan={"waves": [{"percent": 10, "count": 3}, {"percent": 100}]})
+        assert response.status_code == 422
+        response = await create(selector={})
+        assert response.status_code == 422
+        assert "empty selector" in response.json()["error"]["message"]
+        response = await create(release_id="nope")
+        assert response.status_code == 422
+        assert "release 'nope' does not exist" in response.json()["error"]["message"]
+        response = await create()  # the store has no devices
+        assert response.status_code == 422
+        assert "matches no active device" in response.json()["error"]["message"]
+        response = await create(start_at="2026-12-24T02:00:00")
+        assert response.status_code == 422
+        response = await create(plan={"maintenance_hours": {"mon": [["05:00", "02:00"]]}})
+        assert response.status_code == 422
+        assert (await cp.api.get("/v1/rollouts/nope")).status_code == 404
+        assert (await cp.api.post("/v1/rollouts/nope/pause")).status_code == 404
+        assert (await cp.anonymous.get("/v1/rollouts")).status_code == 401
+
+
+async def test_pause_resume_and_manual_rollback_of_a_completed_rollout(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        fleet = await _fleet(cp, tmp_path, 3)
+        await _release(cp, "r-ok", {"config": {"pos": {"tip": True}}})
+        body = {
+            "id": "ro-ctl",
+            "release_id": "r-ok",
+            "selector": {"devices": [e.device_id for e in fleet]},
+            "plan": {**PLAN, "bake_s": 1.5},
+        }
+        async with _run([_agent(e) for e in fleet]) as agents:
+            # Overlapping rollouts are refused while one is unfinished.
+            assert (await cp.api.post("/v1/rollouts", json=body)).status_code == 201
+            again = await cp.api.post("/v1/rollouts", json={**body, "id": "ro-other"})
+            assert again.status_code == 409
+            paused = await cp.api.post("/v1/rollouts/ro-ctl/pause")
+            assert paused.json()["state"] == "paused"
+            await asyncio.sleep(2.5)  # paused: the canary (if sent) bakes, nothing more is sent
+            view = (await cp.api.get("/v1/rollouts/ro-ctl")).json()
+            assert view["waves"][1]["states"] == {"queued": 2}
+            assert (await cp.api.post("/v1/rollouts/ro-ctl/resume")).json()["state"] == "running"
+            await _wait_rollout(cp, "ro-ctl", {"completed"})
+            for agent in agents:
+                assert agent.applied_version == 2
+
+            rolled = await cp.api.post("/v1/rollouts/ro-ctl/rollback")
+            assert rolled.status_code == 200
+            view = await _wait_rollout(cp, "ro-ctl", {"rolled_back"})
+            assert view["states"] == {"rolled_back": 3}
+            for agent, enrolled in zip(agents, fleet, strict=True):
+                await asyncio.wait_for(agent.wait_applied(3), 15)
+                assert json.loads(enrolled.config_file.read_text()) == {"pos": {"currency": "EUR"}}
+                assert await _versions(cp, enrolled.device_id) == [1, 2, 3]
+            # Versions 1 and 3 carry the same content: a rollback is a newer version, old content.
+            async with cp.control_plane.services.engine.connect() as conn:
+                from control_plane.db.schema import desired_states
+
+                docs = {
+                    row.version: row.document
+                    for row in await conn.execute(
+                        desired_states.select().where(desired_states.c.device_id == fleet[0].device_id)
+                    )
+                }
+            assert content_hash(docs[1]["config"]) == content_hash(docs[3]["config"])
+            assert (await cp.api.post("/v1/rollouts/ro-ctl/abort")).status_code == 409
+        audit = await cp.control_plane.services.audit.records(action="rollout.rollback")
+        assert [r["target"] for r in audit] == ["ro-ctl"]
+
+
+async def test_a_device_unhealthy_after_the_apply_fails_the_canary(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        fleet = await _fleet(cp, tmp_path, 3)
+        await _release(cp, "r-sick", {"config": {"pos": {"memory_hog": True}}})
+        body = {
+            "id": "ro-sick",
+            "release_id": "r-sick",
+            "selector": {"stores": ["NL-AMS-0001"]},
+            "plan": {**PLAN, "bake_s": 3},
+        }
+        [canary] = (await cp.api.post("/v1/rollouts/plan", json=body)).json()["waves"][0]["devices"]
+        probes = {e.device_id: SimulatedProbe(i) for i, e in enumerate(fleet)}
+        async with _run([_agent(e, probe=probes[e.device_id]) for e in fleet]) as agents:
+            by_id = {a.device_id: a for a in agents}
+            assert (await cp.api.post("/v1/rollouts", json=body)).status_code == 201
+            await asyncio.wait_for(by_id[canary].wait_applied(2), 15)
+            probes[canary].healthy = False  # the release makes it sick
+            view = await _wait_rollout(cp, "ro-sick", {"rolled_back", "completed"})
+            assert view["state"] == "rolled_back"
+            devices = (await cp.api.get("/v1/rollouts/ro-sick/devices")).json()
+            assert {d["device_id"]: d["state"] for d in devices}[canary] == "rolled_back"
+            events = (await cp.api.get("/v1/rollouts/ro-sick/events")).json()
+            failed = [d for e in events if e["kind"] == "devices" for d in e["detail"].get("devices", [])]
+            assert failed == [{"device_id": canary, "state": "failed", "reason": "unhealthy after apply"}]
+            await asyncio.wait_for(by_id[canary].wait_applied(3), 15)
+
+
+async def test_trading_stores_are_deferred_and_the_event_stream_reports_it(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        always_open = {day: [["00:00", "24:00"]] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+        await cp.create_store("IT-ROM-0001", timezone="Europe/Rome")
+        from control_plane.db.schema import stores
+
+        async with cp.control_plane.services.engine.begin() as conn:
+            await conn.execute(
+                stores.update().where(stores.c.id == "IT-ROM-0001").values(trading_hours=always_open)
+            )
+        fleet = await _fleet(cp, tmp_path, 1)  # NL-AMS-0001: no trading hours → always in window
+        from tests.support.agents import enroll_agent
+
+        rome = await enroll_agent(cp, "IT-ROM-0001", tmp_path / "rome")
+        await _release(cp, "r-win", {"config": {"late": True}})
+        body = {
+            "id": "ro-win",
+            "release_id": "r-win",
+            "selector": {"stores": ["NL-AMS-0001", "IT-ROM-0001"]},
+            "plan": {**PLAN, "window": "closed_hours", "waves": [{"percent": 100}], "bake_s": 0.5},
+        }
+        plan = (await cp.api.post("/v1/rollouts/plan", json=body)).json()
+        assert plan["waves"][0]["deferred"] == [rome.device_id]
+        async with _run([_agent(e) for e in [*fleet, rome]]):
+            assert (await cp.api.post("/v1/rollouts", json=body)).status_code == 201
+            seen: list[str] = []
+            async with cp.api.stream("GET", "/v1/rollouts/ro-win/events/stream") as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        seen.append(event["kind"])
+                        if event["kind"] == "devices" and event["detail"]["counts"].get("healthy"):
+                            break
+            assert seen[0] == "created"
+            view = (await cp.api.get("/v1/rollouts/ro-win")).json()
+            # The open store's device waits; the other finished; the rollout does not complete.
+            assert view["state"] == "running"
+            assert view["states"] == {"deferred": 1, "healthy": 1}
+            assert await _versions(cp, rome.device_id) == [1]
