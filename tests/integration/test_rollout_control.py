@@ -176,3 +176,26 @@ async def test_trading_stores_are_deferred_and_the_event_stream_reports_it(tmp_p
             assert view["state"] == "running"
             assert view["states"] == {"deferred": 1, "healthy": 1}
             assert await _versions(cp, rome.device_id) == [1]
+
+
+async def test_a_rollout_can_target_static_and_dynamic_groups(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path) as cp:
+        fleet = await _fleet(cp, tmp_path, 4)
+        tagged, listed = fleet[0].device_id, fleet[1].device_id
+        assert (await cp.api.put(f"/v1/devices/{tagged}/tags", json={"tags": ["pilot"]})).status_code == 200
+        for group in (
+            {"id": "pilots", "name": "Pilots", "kind": "dynamic", "selector": {"tag": ["pilot"]}},
+            {"id": "hand-picked", "name": "Hand-picked", "kind": "static"},
+        ):
+            assert (await cp.api.post("/v1/groups", json=group)).status_code == 201
+        added = await cp.api.post("/v1/groups/hand-picked/members", json={"device_ids": [listed]})
+        assert added.status_code in (200, 201), added.text
+        await _release(cp, "r-groups", {"config": {"pilot": True}})
+        body = {
+            "id": "ro-groups",
+            "release_id": "r-groups",
+            "selector": {"groups": ["pilots", "hand-picked", "no-such-group"]},
+            "plan": {"waves": [{"percent": 100}]},
+        }
+        plan = (await cp.api.post("/v1/rollouts/plan", json=body)).json()
+        assert sorted(plan["waves"][0]["devices"]) == sorted([tagged, listed])
