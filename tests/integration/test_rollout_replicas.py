@@ -1,5 +1,6 @@
 """Two control-plane replicas' rollout drivers on one PostgreSQL database: exactly one drives;
-when it stops, the other takes over and finishes the rollout without repeating a step.
+when it stops or crashes (lease not released: taken over after its time to live), the other
+takes over and finishes the rollout without repeating a step.
 
 The drivers run without a broker: two replicas with the same service certificate would
 kick each other off Mosquitto (client id = certificate name), and leadership is a database
@@ -59,7 +60,12 @@ async def _seed(engine) -> None:
         )
 
 
-async def test_one_driver_at_a_time_and_failover(tmp_path):
+async def _lease_kept() -> None:
+    """A crashed replica never gets to release its lease."""
+
+
+@pytest.mark.parametrize("how", ["stops", "crashes"])
+async def test_one_driver_at_a_time_and_failover(tmp_path, how):
     async with fresh_database() as url:
         engines = [create_engine(url), create_engine(url)]
         try:
@@ -101,7 +107,10 @@ async def test_one_driver_at_a_time_and_failover(tmp_path):
                 follower = 1 - leader
                 assert (await service.get("ro-ha")).state == "running"
 
-                # The leader stops (its lease is released on the way out); the other takes over.
+                # The leader stops (its lease is released on the way out) or crashes (the lease
+                # stays until its time to live runs out); either way the other takes over.
+                if how == "crashes":
+                    drivers[leader].lease.release = _lease_kept  # type: ignore[method-assign]
                 tasks[leader].cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks[leader]
