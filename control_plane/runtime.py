@@ -34,6 +34,10 @@ from control_plane.devices.revocation import RevocationRegistry
 from control_plane.devices.service import DeviceService
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
+from control_plane.health.history import HealthHistory
+from control_plane.health.rollup import StoreRollup
+from control_plane.health.service import HealthMonitor
+from control_plane.health.staleness import StalenessSweeper
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
@@ -68,6 +72,7 @@ class Services:
     lifecycle: DeviceLifecycle
     enroll_limiter: RateLimiter
     ca: CAGateway
+    health: HealthMonitor
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -179,6 +184,21 @@ class ControlPlane:
         )
         ingest.route_renewals(renewals.submit)
         registry = RevocationRegistry(engine=engine, gateway=gateway, crl_path=s.pki_dir / "crl.pem")
+        offline_after = timedelta(seconds=s.health_interval_s * s.offline_after_intervals)
+        health = HealthMonitor(
+            sweeper=StalenessSweeper(engine=engine, offline_after=offline_after),
+            rollup=StoreRollup(
+                engine=engine, offline_after=offline_after, sync_grace=timedelta(seconds=s.store_sync_grace_s)
+            ),
+            history=HealthHistory(
+                engine=engine,
+                retention=timedelta(hours=s.health_retention_hours),
+                delete_batch=s.health_retention_batch,
+            ),
+            sweep_interval_s=s.health_sweep_interval_s,
+            rollup_interval_s=s.store_rollup_interval_s,
+            retention_interval_s=s.health_retention_interval_s,
+        )
         self._services = Services(
             engine=engine,
             audit=audit,
@@ -197,10 +217,7 @@ class ControlPlane:
                 default_token_ttl=timedelta(hours=s.default_token_ttl_hours),
                 health_interval_s=s.health_interval_s,
             ),
-            devices=DeviceService(
-                engine=engine,
-                offline_after=timedelta(seconds=s.health_interval_s * s.offline_after_intervals),
-            ),
+            devices=DeviceService(engine=engine, offline_after=offline_after),
             publisher=publisher,
             ingest=ingest,
             link=link,
@@ -212,6 +229,7 @@ class ControlPlane:
             enroll_limiter=RateLimiter(
                 rate_per_s=s.enroll_rate_per_source_s, burst=s.enroll_burst_per_source
             ),
+            health=health,
         )
 
     async def close(self) -> None:
@@ -268,6 +286,7 @@ class ControlPlane:
                     ),
                     group.create_task(services.link.run(), name="broker-link"),
                     group.create_task(services.renewals.run(), name="renewals"),
+                    group.create_task(services.health.run(), name="health-jobs"),
                 ]
                 try:
                     await self._serve_http()

@@ -14,6 +14,7 @@ from control_plane.api.metrics import router as metrics_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
+from control_plane.health.routes import router as health_router
 from control_plane.stores.routes import router as stores_router
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(devices_router)
     app.include_router(certificates_router)
     app.include_router(metrics_router)
+    app.include_router(health_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

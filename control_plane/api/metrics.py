@@ -76,6 +76,7 @@ async def render(services: Services) -> bytes:
         renewals.labels(outcome=outcome).inc(count)
     for reason, count in renewal.refused.items():
         renewals.labels(outcome=f"refused_{reason}").inc(count)
+    await _health_metrics(services, registry)
     audit_dropped = Counter(
         "storefleet_audit_dropped", "Audit records lost to a full queue", registry=registry
     )
@@ -86,3 +87,31 @@ async def render(services: Services) -> bytes:
 @router.get("/metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     return Response(await render(services), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _health_metrics(services: Services, registry: CollectorRegistry) -> None:
+    ingest, health = services.ingest, services.health
+    history = Counter(
+        "storefleet_health_history_rows", "Health-history rows by outcome", ["outcome"], registry=registry
+    )
+    for outcome, count in (
+        ("written", ingest.history_written),
+        ("ignored_inactive_device", ingest.history_ignored),
+        ("dropped_buffer_full", ingest.history_overflow),
+        ("deleted_retention", health.history.deleted),
+    ):
+        history.labels(outcome=outcome).inc(count)
+    Counter(
+        "storefleet_devices_marked_offline", "Devices marked offline by staleness", registry=registry
+    ).inc(health.sweeper.marked_offline)
+    changes = Counter(
+        "storefleet_store_status_changes",
+        "Store status changes by the roll-up, by new status",
+        ["to"],
+        registry=registry,
+    )
+    for status, count in health.rollup.changes.items():
+        changes.labels(to=status).inc(count)
+    stores = Gauge("storefleet_stores", "Stores by status", ["status"], registry=registry)
+    for status, count in (await health.rollup.counts_by_status()).items():
+        stores.labels(status=status).set(count)

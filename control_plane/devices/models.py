@@ -43,6 +43,9 @@ class DeviceView(BaseModel):
     apply_detail: str | None
     health: dict[str, Any] | None
     health_at: datetime | None
+    health_status: str = Field(description="healthy, unhealthy or unknown (no report yet)")
+    checks: list[dict[str, Any]] = Field(description="app check results of the newest health report")
+    health_dropped: int = Field(description="reports the agent's outbox had to discard, in total")
     cert_serial: str | None
     cert_not_after: datetime | None
 

@@ -47,5 +47,6 @@ class StoreView(BaseModel):
     policies: dict[str, Any]
     config_revision: int
     device_count: int
+    status: str = Field(description="provisioning, ready, degraded, offline or decommissioned")
     created_at: datetime
     updated_at: datetime
