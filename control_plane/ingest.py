@@ -135,6 +135,7 @@ class Ingest:
         self._store_of: dict[str, str] = {}
         self._store_cache_at = time.monotonic()
         self._wakeup = asyncio.Event()
+        self._in_flight = 0  # taken by the flush that is writing now
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.coalesced = 0
@@ -153,7 +154,8 @@ class Ingest:
     @property
     def pending(self) -> int:
         """Buffered updates not yet written (device rows and history rows)."""
-        return len(self._health) + len(self._reported) + len(self._status) + len(self._history)
+        buffered = len(self._health) + len(self._reported) + len(self._status) + len(self._history)
+        return buffered + self._in_flight
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Validate one message and buffer it; never raises."""
@@ -267,6 +269,7 @@ class Ingest:
         def at(kind: TopicKind, device_id: str) -> datetime:
             return received[(kind, device_id)]
 
+        self._in_flight = len(health) + len(reported) + len(status) + len(history)
         try:
             stores_of = await self._stores_of({row[0] for row in history})
             async with self._engine.begin() as conn:
@@ -331,6 +334,8 @@ class Ingest:
             self.history_overflow += max(0, len(history) - room)
             self._history = history[len(history) - room :] + self._history if room else self._history
             raise
+        finally:
+            self._in_flight = 0
         self.history_written += written
         self.history_ignored += ignored
         self.flushes += 1
