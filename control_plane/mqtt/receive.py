@@ -83,6 +83,14 @@ class FastReceiver:
         return chunk
 
     def _readable(self) -> None:
+        try:
+            self._read()
+        except Exception:
+            # Whatever went wrong, the session is in an unknown state: end it, the link reconnects.
+            logger.exception("broker session receive failed; disconnecting")
+            self._paho.disconnect()
+
+    def _read(self) -> None:
         sock = self._sock
         more = False
         try:
@@ -103,7 +111,7 @@ class FastReceiver:
         if self._eof:
             self._paho.loop_read()  # paho reads b"": connection lost → aiomqtt sees the disconnect
         elif more:
-            asyncio.get_running_loop().call_soon(self._readable)
+            asyncio.get_running_loop().call_soon(self._readable)  # the selector cannot see those
 
     def _split(self) -> None:
         buffer = self._buffer
