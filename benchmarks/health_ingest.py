@@ -370,6 +370,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "enroll_seconds": round(enroll_seconds, 2),
             "connect_seconds": round(connected["connect_seconds"], 2),
             **measured,
+            # Mosquitto drops QoS 0 messages for a subscriber that falls behind and logs it.
+            "broker_drop_warnings": mosquitto.log().count("being dropped") if mosquitto is not None else None,
             "history_rows": history_rows,
             "history_reports_missing": history_lost,
             "lost": len(lost),
@@ -432,6 +434,7 @@ async def measure(conn: Connection, child: Any, ingest: Any, expected: int, mosq
         "coalesced": ingest.coalesced - coalesced0,
         "device_row_updates": accepted - (ingest.coalesced - coalesced0),
         "flushes_db_batches": ingest.flushes - flushes0,
+        "flush_seconds_max": round(ingest.flush_seconds_max, 3),
         "seconds_to_written": round(drained - started, 3),
         "written_per_second": round(accepted / (drained - started), 1),
         "control_plane_cpu_seconds": round(cpu(own) - cpu0, 2),

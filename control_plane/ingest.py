@@ -141,6 +141,7 @@ class Ingest:
         self.coalesced = 0
         self.flushes = 0
         self.history_written = 0
+        self.flush_seconds_max = 0.0  # longest flush so far (the event loop is busy for part of it)
         # Reports of devices that are unknown or no longer active: no history row.
         self.history_ignored = 0
         # Reports not kept because the database stayed unavailable and the buffer was full.
@@ -270,6 +271,7 @@ class Ingest:
             return received[(kind, device_id)]
 
         self._in_flight = len(health) + len(reported) + len(status) + len(history)
+        started = time.monotonic()
         try:
             stores_of = await self._stores_of({row[0] for row in history})
             async with self._engine.begin() as conn:
@@ -336,6 +338,7 @@ class Ingest:
             raise
         finally:
             self._in_flight = 0
+        self.flush_seconds_max = max(self.flush_seconds_max, time.monotonic() - started)
         self.history_written += written
         self.history_ignored += ignored
         self.flushes += 1
