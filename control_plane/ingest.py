@@ -324,13 +324,18 @@ class Ingest:
                         ],
                     )
                 written, ignored = await self._append_history(conn, history, stores_of)
-        except Exception:
-            # Put back what was not written, unless something newer arrived meanwhile.
+        except BaseException:
+            # Put back what was not written (also when cancelled at shutdown: the final flush
+            # writes it), unless something newer arrived meanwhile.
             for received_key, when in received.items():
                 self._received.setdefault(received_key, when)
-            for target, old in ((self._health, health), (self._reported, reported), (self._status, status)):
+            for target, old in ((self._reported, reported), (self._status, status)):
                 for key, value in old.items():
                     target.setdefault(key, value)  # type: ignore[arg-type]
+            for device_id, report in health.items():
+                arrived = self._health.get(device_id)
+                if arrived is None or arrived.seq < report.seq:  # a late backlog must not win
+                    self._health[device_id] = report
             self._dropped.update(dropped)
             room = max(0, self._max_pending_history - len(self._history))
             self.history_overflow += max(0, len(history) - room)
