@@ -101,6 +101,9 @@ async def _health_metrics(services: Services, registry: CollectorRegistry) -> No
         ("deleted_retention", health.history.deleted),
     ):
         history.labels(outcome=outcome).inc(count)
+    Gauge("storefleet_ingest_flush_seconds_max", "Longest ingest flush since start", registry=registry).set(
+        ingest.flush_seconds_max
+    )
     Counter(
         "storefleet_devices_marked_offline", "Devices marked offline by staleness", registry=registry
     ).inc(health.sweeper.marked_offline)

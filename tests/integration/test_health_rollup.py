@@ -195,6 +195,10 @@ async def test_device_that_vanishes_without_goodbye_goes_offline_and_so_does_its
     # The sweeper wrote it down too (not only the read-time staleness of the views).
     assert cp.control_plane.services.health.sweeper.marked_offline >= 1
     assert (await status_events(cp, "NL-AMS-0003"))[-1] == ("ready", "offline")
+    metrics = (await cp.api.get("/metrics")).text
+    assert 'storefleet_store_status_changes_total{to="offline"}' in metrics
+    assert 'storefleet_stores{status="offline"} 1.0' in metrics
+    assert "storefleet_devices_marked_offline_total" in metrics
 
 
 async def test_retention_removes_old_history(tmp_path):
