@@ -38,6 +38,10 @@ from control_plane.devices.tags import DeviceTags
 from control_plane.enrollment.ratelimit import RateLimiter
 from control_plane.enrollment.service import EnrollmentService
 from control_plane.groups.service import GroupService
+from control_plane.health.history import HealthHistory
+from control_plane.health.rollup import StoreRollup
+from control_plane.health.service import HealthMonitor
+from control_plane.health.staleness import StalenessSweeper
 from control_plane.ingest import Ingest
 from control_plane.mqtt.link import BrokerLink
 from control_plane.pki.ca import BuiltinCA, write_identity
@@ -82,6 +86,7 @@ class Services:
     releases: ReleaseService
     rollouts: RolloutService
     rollout_driver: RolloutDriver
+    health: HealthMonitor
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -212,6 +217,21 @@ class ControlPlane:
         rollout_driver = RolloutDriver(
             engine=engine, publisher=publisher, tick_s=s.rollout_tick_s, lease_ttl_s=s.rollout_lease_ttl_s
         )
+        offline_after = timedelta(seconds=s.health_interval_s * s.offline_after_intervals)
+        health = HealthMonitor(
+            sweeper=StalenessSweeper(engine=engine, offline_after=offline_after),
+            rollup=StoreRollup(
+                engine=engine, offline_after=offline_after, sync_grace=timedelta(seconds=s.store_sync_grace_s)
+            ),
+            history=HealthHistory(
+                engine=engine,
+                retention=timedelta(hours=s.health_retention_hours),
+                delete_batch=s.health_retention_batch,
+            ),
+            sweep_interval_s=s.health_sweep_interval_s,
+            rollup_interval_s=s.store_rollup_interval_s,
+            retention_interval_s=s.health_retention_interval_s,
+        )
         self._services = Services(
             engine=engine,
             audit=audit,
@@ -230,10 +250,7 @@ class ControlPlane:
                 default_token_ttl=timedelta(hours=s.default_token_ttl_hours),
                 health_interval_s=s.health_interval_s,
             ),
-            devices=DeviceService(
-                engine=engine,
-                offline_after=timedelta(seconds=s.health_interval_s * s.offline_after_intervals),
-            ),
+            devices=DeviceService(engine=engine, offline_after=offline_after),
             publisher=publisher,
             ingest=ingest,
             link=link,
@@ -252,6 +269,7 @@ class ControlPlane:
             commands=commands,
             tags=DeviceTags(engine=engine, publisher=publisher, audit=audit),
             groups=GroupService(engine=engine, publisher=publisher, audit=audit),
+            health=health,
         )
 
     async def close(self) -> None:
@@ -314,6 +332,7 @@ class ControlPlane:
                         if s.rollout_driver
                         else []
                     ),
+                    group.create_task(services.health.run(), name="health-jobs"),
                 ]
                 try:
                     await self._serve_http()

@@ -41,6 +41,14 @@ class ControlPlaneSettings(BaseSettings):
     ingest_flush_interval_s: float = Field(default=0.5, gt=0)
     ingest_batch_size: int = Field(default=500, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
+    # Health jobs (control_plane.health): staleness sweep, store status roll-up, history retention.
+    health_sweep_interval_s: float = Field(default=10.0, gt=0)
+    store_rollup_interval_s: float = Field(default=10.0, gt=0)
+    # A device that has not applied its current desired version after this long degrades its store.
+    store_sync_grace_s: float = Field(default=300.0, ge=0)
+    health_retention_hours: float = Field(default=24.0, gt=0)
+    health_retention_interval_s: float = Field(default=300.0, gt=0)
+    health_retention_batch: int = Field(default=5000, gt=0)
     # An external Mosquitto's log file: its TLS refusals are copied into the audit log.
     broker_log_file: Path | None = None
     # /v1/enroll token bucket per client address.

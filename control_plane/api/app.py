@@ -20,6 +20,7 @@ from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
 from control_plane.groups.routes import router as groups_router
+from control_plane.health.routes import router as health_router
 from control_plane.releases.routes import router as releases_router
 from control_plane.rollouts.routes import router as rollouts_router
 from control_plane.stores.routes import router as stores_router
@@ -49,6 +50,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(releases_router)
     app.include_router(rollouts_router)
+    app.include_router(health_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -86,6 +86,7 @@ async def render(services: Services) -> bytes:
         ("dropped_result", services.commands.dropped_results),
     ):
         commands.labels(event=event).inc(count)
+    await _health_metrics(services, registry)
     audit_dropped = Counter(
         "storefleet_audit_dropped", "Audit records lost to a full queue", registry=registry
     )
@@ -96,3 +97,34 @@ async def render(services: Services) -> bytes:
 @router.get("/metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     return Response(await render(services), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _health_metrics(services: Services, registry: CollectorRegistry) -> None:
+    ingest, health = services.ingest, services.health
+    history = Counter(
+        "storefleet_health_history_rows", "Health-history rows by outcome", ["outcome"], registry=registry
+    )
+    for outcome, count in (
+        ("written", ingest.history_written),
+        ("ignored_inactive_device", ingest.history_ignored),
+        ("dropped_buffer_full", ingest.history_overflow),
+        ("deleted_retention", health.history.deleted),
+    ):
+        history.labels(outcome=outcome).inc(count)
+    Gauge("storefleet_ingest_flush_seconds_max", "Longest ingest flush since start", registry=registry).set(
+        ingest.flush_seconds_max
+    )
+    Counter(
+        "storefleet_devices_marked_offline", "Devices marked offline by staleness", registry=registry
+    ).inc(health.sweeper.marked_offline)
+    changes = Counter(
+        "storefleet_store_status_changes",
+        "Store status changes by the roll-up, by new status",
+        ["to"],
+        registry=registry,
+    )
+    for status, count in health.rollup.changes.items():
+        changes.labels(to=status).inc(count)
+    stores = Gauge("storefleet_stores", "Stores by status", ["status"], registry=registry)
+    for status, count in (await health.rollup.counts_by_status()).items():
+        stores.labels(status=status).set(count)

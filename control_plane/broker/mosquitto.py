@@ -58,6 +58,7 @@ SERVER_STEM = "broker"  # broker.pem, broker.key
 
 # Fixed and variable headers on top of the largest payload (see embedded.PACKET_HEADER_ALLOWANCE).
 PACKET_HEADER_ALLOWANCE = 4096
+MAX_QUEUED_MESSAGES = 200_000
 _WILDCARD_ADDRESSES = {"0.0.0.0", "::", ""}  # noqa: S104  # compared against, not bound
 
 
@@ -123,6 +124,10 @@ def write_mosquitto_config(
         f"message_size_limit {max_message_bytes}",
         f"max_packet_size {max_message_bytes + PACKET_HEADER_ALLOWANCE}",
         "check_retain_source true",
+        # Messages Mosquitto holds for one client that falls behind; beyond it even QoS 0 is
+        # dropped. The default (1000) is far too small for the control plane, which receives
+        # every device's reports on one session: a short pause (a database flush) would lose them.
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
     ]
     if persistence_dir is None:
         lines.append("persistence false")

@@ -49,6 +49,8 @@ class DeviceView(BaseModel):
     health: dict[str, Any] | None
     health_at: datetime | None
     health_status: str = Field(description="healthy, unhealthy or unknown (no report yet)")
+    checks: list[dict[str, Any]] = Field(description="app check results of the newest health report")
+    health_dropped: int = Field(description="reports the agent's outbox had to discard, in total")
     cert_serial: str | None
     cert_not_after: datetime | None
     tags: list[str] = Field(default_factory=list)

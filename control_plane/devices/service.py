@@ -171,6 +171,8 @@ class DeviceService:
             health=row["health"],
             health_at=row["health_at"],
             health_status=row["health_status"],
+            checks=(row["health"] or {}).get("checks") or [],
+            health_dropped=row["health_dropped"],
             cert_serial=row["cert_serial"],
             cert_not_after=row["cert_not_after"],
         )

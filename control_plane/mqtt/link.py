@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
+from control_plane.mqtt.receive import FastReceiver
 from protocol.topics import TopicKind, fleet_filter
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class BrokerLink:
                     # store-wide changes); aiomqtt would warn from 10 on.
                     client.pending_calls_threshold = 2000
                     self._client = client
+                    # Before subscribing: every device message takes the lean path (receive.py).
+                    FastReceiver(client._client, self._on_message).install(asyncio.get_running_loop())
                     for kind in INGEST_KINDS:
                         await client.subscribe(fleet_filter(kind), qos=1)
                     self._connected.set()
@@ -92,6 +95,8 @@ class BrokerLink:
                     logger.info("connected to broker %s:%d", self._host, self._port)
                     refill = asyncio.create_task(self._after_connect())
                     try:
+                        # Only a message that arrived before the receiver was installed comes
+                        # this way; the loop ends when the session does.
                         async for message in client.messages:
                             try:
                                 self._on_message(str(message.topic), _payload_bytes(message.payload))

@@ -44,5 +44,6 @@ class StoreView(BaseModel):
     checks: dict[str, Any] = Field(default_factory=dict)
     config_revision: int = Field(description='the ETag of the store layer is "r<config_revision>"')
     device_count: int
+    status: str = Field(description="provisioning, ready, degraded, offline or decommissioned")
     created_at: datetime
     updated_at: datetime

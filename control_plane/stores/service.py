@@ -131,6 +131,7 @@ def _view(row: Any) -> StoreView:
         checks=layer.get("checks", {}),
         config_revision=row["config_revision"],
         device_count=row["device_count"],
+        status=row["status"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

@@ -44,15 +44,6 @@ async def test_deeply_nested_payload_is_rejected_and_counted(ingest):
     assert ingest.pending == 0
 
 
-async def test_health_reports_are_coalesced_per_device_newest_seq_wins(ingest):
-    for seq in (1, 3, 2):
-        ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", seq))
-    ingest.handle("sf/v1/dev/dev-def/health", _health("dev-def", 1))
-    assert ingest.pending == 2
-    assert ingest.coalesced == 2
-    assert ingest._health["dev-abc"].seq == 3
-
-
 async def test_liveness_uses_receive_time_not_the_device_clock(ingest, tmp_path):
     from datetime import UTC, datetime, timedelta
 

@@ -1,0 +1,1 @@
+"""Device health after ingest: history and its retention, staleness, store status roll-up."""
