@@ -46,7 +46,7 @@ from agent import AGENT_VERSION
 from agent.backoff import backoff_delay
 from agent.checks import CheckRunner, CheckScheduler, LiveChecks, verify
 from agent.commands import CommandRunner
-from agent.errors import AgentError, CertificateExpired, StateError
+from agent.errors import AgentError, CertificateExpired, NotEnrolled, StateError
 from agent.handlers import Handler
 from agent.health import HealthProbe, HealthSample
 from agent.logs import DeviceLog
@@ -279,6 +279,13 @@ class Agent:
             return context
         try:
             context = await self.state.io(broker_client_context, self.state, pending=credential.pending)
+        except NotEnrolled:
+            if not credential.pending:
+                raise
+            # The staged pair was committed meanwhile (a `reenroll` beside this running agent
+            # installs what it staged): choose again.
+            self.log.info("the staged credentials were installed meanwhile; choosing again")
+            return None
         except StateError as exc:
             if not credential.pending:
                 raise

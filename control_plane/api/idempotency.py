@@ -7,7 +7,8 @@ that answer again with ``Idempotency-Replayed: true``. The same key with a diffe
 is 422 ``idempotency_key_reused``; a retry while the first is still running is 409
 ``idempotency_in_progress``. Answers of 5xx are not kept, so such a request can be retried.
 The caller is the hash of its credential: keys of different operators never collide, and no
-secret is stored. Keys are kept for `retention` (24 h by default).
+secret is stored: enrollment-token secrets in an answer are replaced before it is kept (a
+replay says so with ``Idempotency-Secrets-Redacted: true``). Keys are kept for `retention` (24 h by default).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, like a token
 _KEPT_HEADERS = (b"content-type", b"etag", b"location")
 _IN_PROGRESS = 0
 _PURGE_EVERY = 500
+# Values that must never be stored: enrollment token secrets (control_plane.enrollment.service
+# TOKEN_PREFIX). A replayed answer shows REDACTED in their place.
+SECRET_PREFIXES = ("sfe_",)
+REDACTED = "(secret shown once; not replayed)"
 
 
 class IdempotencyMiddleware:
@@ -147,6 +152,8 @@ class IdempotencyMiddleware:
         stored = row.response or {}
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored.get("headers", [])]
         headers.append((b"idempotency-replayed", b"true"))
+        if stored.get("redacted"):
+            headers.append((b"idempotency-secrets-redacted", b"true"))
         body = stored.get("body", "").encode()
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": row.status_code, "headers": headers})
@@ -159,9 +166,11 @@ class IdempotencyMiddleware:
                 if captured["status"] >= 500:
                     await conn.execute(idempotency_keys.delete().where(where))
                     return
+                body, redacted = _without_secrets(bytes(captured["body"]).decode("utf-8", errors="replace"))
                 response = {
                     "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in captured["headers"]],
-                    "body": bytes(captured["body"]).decode("utf-8", errors="replace"),
+                    "body": body,
+                    "redacted": redacted,
                 }
                 await conn.execute(
                     idempotency_keys.update()
@@ -172,6 +181,29 @@ class IdempotencyMiddleware:
             logger.exception("could not record the answer for an Idempotency-Key; a retry will run again")
             async with self._engine.begin() as conn:
                 await conn.execute(idempotency_keys.delete().where(where))
+
+
+def _without_secrets(body: str) -> tuple[str, bool]:
+    """The answer as it may be stored: secrets shown once (enrollment tokens) are replaced.
+
+    A replay then carries everything but the secret (the ids to revoke and re-issue with)."""
+    if not any(prefix in body for prefix in SECRET_PREFIXES):
+        return body, False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return "", True  # not JSON but holds a secret: keep nothing of it
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(SECRET_PREFIXES):
+            return REDACTED
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return json.dumps(scrub(document)), True
 
 
 async def _read_body(receive: Receive) -> bytes:

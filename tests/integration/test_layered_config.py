@@ -10,7 +10,14 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from control_plane.db.schema import group_members, groups, stores, template_versions, templates
+from control_plane.db.schema import (
+    group_members,
+    groups,
+    idempotency_keys,
+    stores,
+    template_versions,
+    templates,
+)
 from tests.support.agents import enroll_agent, running
 from tests.support.control_plane import RunningControlPlane
 
@@ -183,9 +190,17 @@ async def test_idempotency_key_replays_the_first_answer(embedded: RunningControl
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert (await embedded.api.get("/v1/stores/IDEM-2")).status_code == 404
 
-    # Enrollment tokens: a retried POST does not mint a second token.
+    # Enrollment tokens: a retried POST does not mint a second token, and the secret, shown
+    # once, is neither stored with the answer nor replayed.
     headers = {"Idempotency-Key": "token-1"}
     token = await embedded.api.post("/v1/stores/IDEM-1/enrollment-tokens", json={}, headers=headers)
     retry = await embedded.api.post("/v1/stores/IDEM-1/enrollment-tokens", json={}, headers=headers)
     assert token.json()["id"] == retry.json()["id"]
+    assert token.json()["token"].startswith("sfe_")
+    assert retry.json()["token"] != token.json()["token"]
+    assert retry.headers["Idempotency-Secrets-Redacted"] == "true"
     assert len((await embedded.api.get("/v1/stores/IDEM-1/enrollment-tokens")).json()) == 1
+    async with embedded.control_plane.services.engine.connect() as conn:
+        stored = [json.dumps(row.response) for row in await conn.execute(sa.select(idempotency_keys))]
+    assert stored
+    assert not any(token.json()["token"] in answer for answer in stored)
