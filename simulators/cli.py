@@ -39,14 +39,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each phase")
     parser.add_argument("--interval", type=float, help="health report interval (s); steady: 1")
     parser.add_argument("--server", help="control plane URL (default: start an embedded one)")
-    parser.add_argument("--admin-key-file", type=Path, help="file holding an operator API key (with --server)")
+    parser.add_argument(
+        "--admin-key-file", type=Path, help="file holding an operator API key (with --server)"
+    )
     parser.add_argument("--ca-file", type=Path, help="the control plane's CA certificate (with --server)")
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--quiet", action="store_true", help="no live progress display")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The parser; `defaults` (from --config) replace the built-in defaults of every scenario."""
     parser = argparse.ArgumentParser(prog="storefleet-sim", description="storefleet fleet simulator")
     sub = parser.add_subparsers(dest="scenario", required=True)
     helps = {
@@ -64,18 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rollout":
             scenario.add_argument("--changes", type=int, default=1, help="configuration changes, in turn")
         if name == "chaos":
-            defaults = ChaosRates()
+            rates = ChaosRates()
             scenario.add_argument(
                 "--disconnect-rate",
                 type=float,
-                default=defaults.disconnects_per_device_minute,
+                default=rates.disconnects_per_device_minute,
                 help="disconnects per device per minute",
             )
-            scenario.add_argument("--offline-fraction", type=float, default=defaults.offline_fraction)
-            scenario.add_argument("--offline-seconds", type=float, default=defaults.offline_s)
-            scenario.add_argument("--failure-rate", type=float, default=defaults.apply_failure_rate)
-            scenario.add_argument("--slow-fraction", type=float, default=defaults.slow_fraction)
-            scenario.add_argument("--slow-seconds", type=float, default=defaults.slow_apply_s)
+            scenario.add_argument("--offline-fraction", type=float, default=rates.offline_fraction)
+            scenario.add_argument("--offline-seconds", type=float, default=rates.offline_s)
+            scenario.add_argument("--failure-rate", type=float, default=rates.apply_failure_rate)
+            scenario.add_argument("--slow-fraction", type=float, default=rates.slow_fraction)
+            scenario.add_argument("--slow-seconds", type=float, default=rates.slow_apply_s)
+        if defaults:
+            scenario.set_defaults(**defaults)
     return parser
 
 
@@ -93,9 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(k for k in table if k.replace("-", "_") not in known)
         if unknown:
             raise SystemExit(f"storefleet-sim: unknown keys in {args.config}: {', '.join(unknown)}")
-        sub = parser._subparsers._group_actions[0].choices[args.scenario]  # type: ignore[union-attr]
-        sub.set_defaults(**{k.replace("-", "_"): v for k, v in table.items()})
-        args = parser.parse_args(argv)
+        args = build_parser({k.replace("-", "_"): v for k, v in table.items()}).parse_args(argv)
     return args
 
 

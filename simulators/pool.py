@@ -113,6 +113,7 @@ class ProcessPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         self._closing = threading.Event()
+        self._stopping = False  # workers exiting is expected from now on
 
     def _read(self) -> None:
         assert self._loop is not None
@@ -121,6 +122,8 @@ class ProcessPool:
                 batch = self._events.get(timeout=0.2)
             except queue.Empty:
                 if not any(p.is_alive() for p in self._processes):
+                    if self._stopping:
+                        return
                     self._loop.call_soon_threadsafe(self._dispatch, [("error", -1, "all workers exited")])
                     return
                 continue
@@ -132,9 +135,9 @@ class ProcessPool:
                 _, shard, command = event
                 self._acks.setdefault(command, set()).add(shard)
                 waiter = self._waiters.get(command)
-                if waiter is not None and len(self._acks[command]) == len(self._processes):
-                    if not waiter.done():
-                        waiter.set_result(None)
+                everyone = len(self._acks[command]) == len(self._processes)
+                if waiter is not None and everyone and not waiter.done():
+                    waiter.set_result(None)
             elif event[0] == "error":
                 for waiter in self._waiters.values():
                     if not waiter.done():
@@ -143,7 +146,7 @@ class ProcessPool:
             else:
                 self._on_event(event)
 
-    async def _everyone(self, command: str, *arguments: Any, timeout: float | None = None) -> None:
+    async def _everyone(self, command: str, *arguments: Any, limit_s: float | None = None) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             for process in self._processes:
@@ -156,7 +159,7 @@ class ProcessPool:
         for commands in self._commands:
             commands.put((command, *arguments))
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await asyncio.wait_for(waiter, limit_s)
         finally:
             del self._waiters[command]
 
@@ -173,10 +176,11 @@ class ProcessPool:
         await self._everyone("mark_cpu", name)
 
     async def stop(self) -> None:
+        self._stopping = True
         try:
             if self._loop is not None:
                 with contextlib.suppress(ShardError, TimeoutError):
-                    await self._everyone("stop", timeout=60)
+                    await self._everyone("stop", limit_s=60)
         finally:
             deadline = time.monotonic() + 10
             for process in self._processes:

@@ -200,6 +200,8 @@ def rollout_progress(
     counts: Counter[bool] = Counter()
     for t, ok in outcome_times:
         counts[ok] += 1
-        points.append((round(max(0.0, t), 4), counts[True], counts[False], total - counts[True] - counts[False]))
+        points.append(
+            (round(max(0.0, t), 4), counts[True], counts[False], total - counts[True] - counts[False])
+        )
     points.append((round(max(until - started, points[-1][0]), 4), *points[-1][1:]))
     return points

@@ -49,6 +49,7 @@ SCENARIOS = ("provision", "steady", "rollout", "storm", "chaos")
 ROLES = ("pos", "tablet", "kiosk", "backoffice")
 POLL_S = 0.1
 API_CONCURRENCY = 16
+_ACCEPTED = re.compile(r'^storefleet_ingest_accepted_total\{kind="(\w+)"\} (\S+)$', re.M)
 
 
 class ScenarioError(RuntimeError):
@@ -198,13 +199,10 @@ class Driver:
 
     async def _ingest_accepted(self, api: httpx.AsyncClient) -> dict[str, float]:
         text = (await api.get("/metrics")).raise_for_status().text
-        return {
-            kind: float(value)
-            for kind, value in re.findall(r'^storefleet_ingest_accepted_total\{kind="(\w+)"\} (\S+)$', text, re.M)
-        }
+        return {kind: float(value) for kind, value in re.findall(_ACCEPTED, text)}
 
-    async def _until(self, what: str, done: Callable[[], bool], timeout: float | None = None) -> bool:
-        deadline = time.monotonic() + (timeout or self.config.timeout_s)
+    async def _until(self, what: str, done: Callable[[], bool], limit_s: float | None = None) -> bool:
+        deadline = time.monotonic() + (limit_s or self.config.timeout_s)
         while not done():
             if self.recorder.errors:
                 raise ScenarioError(f"{what}: {self.recorder.errors[0]}")
@@ -350,7 +348,9 @@ class Driver:
                 )
         return [s[0] for s in stores], specs, stores[0][2]
 
-    async def _provision(self, api: httpx.AsyncClient, pool: ShardPool, store_ids: list[str]) -> dict[str, Any]:
+    async def _provision(
+        self, api: httpx.AsyncClient, pool: ShardPool, store_ids: list[str]
+    ) -> dict[str, Any]:
         config = self.config
         self.phases["health_accepted_before"] = (await self._ingest_accepted(api)).get("health", 0.0)
         self._phase("enroll", config.devices)
@@ -365,9 +365,7 @@ class Driver:
             "every device to apply its first configuration",
             lambda: self.recorder.applied_count() == config.devices,
         )
-        applied_s = [
-            min(r.applied.values()) - start for r in self.recorder.devices.values() if r.applied
-        ]
+        applied_s = [min(r.applied.values()) - start for r in self.recorder.devices.values() if r.applied]
         by_store: dict[str, list[float]] = {}
         for record in self.recorder.devices.values():
             if record.applied:
@@ -420,7 +418,9 @@ class Driver:
         await pool.mark_cpu("steady_end")
         return {"duration_s": config.duration_s, "health_interval_s": config.health_interval_s or 1.0}
 
-    async def _change_config(self, api: httpx.AsyncClient, store_ids: list[str], change: int) -> dict[str, float]:
+    async def _change_config(
+        self, api: httpx.AsyncClient, store_ids: list[str], change: int
+    ) -> dict[str, float]:
         """One configuration change per store; returns when each store's change was made."""
         gate = asyncio.Semaphore(API_CONCURRENCY)
         made: dict[str, float] = {}
@@ -443,7 +443,12 @@ class Driver:
         return made
 
     async def _propagate(
-        self, api: httpx.AsyncClient, store_ids: list[str], change: int, *, settle_timeout: float | None = None
+        self,
+        api: httpx.AsyncClient,
+        store_ids: list[str],
+        change: int,
+        *,
+        settle_timeout: float | None = None,
     ) -> tuple[dict[str, Any], dict[str, int], float]:
         baseline = self.recorder.versions()
         self._phase(f"change {change}: applied", self.config.devices)
@@ -468,9 +473,7 @@ class Driver:
             else:
                 failed += 1
         reported = await self._until_reported(api, store_ids, self.recorder.versions())
-        self.series["rollout_progress"] = rollout_progress(
-            self.recorder, baseline, started, time.monotonic()
-        )
+        self.series["rollout_progress"] = rollout_progress(self.recorder, baseline, started, time.monotonic())
         self.series["latencies"][f"change {change} applied"] = latencies
         figures = {
             "settled": settled,
@@ -490,7 +493,7 @@ class Driver:
             figures, _, _ = await self._propagate(api, store_ids, change)
             changes.append(figures)
         return {
-            "what": "PUT /v1/stores/{id}/config for every store; per device from its store's change to applied",
+            "what": "PUT /v1/stores/{id}/config for every store; per device: its store's change → applied",
             "changes": changes,
         }
 
@@ -506,7 +509,8 @@ class Driver:
             return later[0] if later else None
 
         done = await self._until(
-            "every agent to reconnect", lambda: all(back(r) is not None for r in self.recorder.devices.values())
+            "every agent to reconnect",
+            lambda: all(back(r) is not None for r in self.recorder.devices.values()),
         )
         all_back = time.monotonic()
         times = [t - up for r in self.recorder.devices.values() if (t := back(r)) is not None]
@@ -575,7 +579,8 @@ class Driver:
             device_id
             for device_id, figures in per_device.items()
             if figures["health_published"]
-            and ((devices.get(device_id) or {}).get("health") or {}).get("seq") != figures["health_published"] - 1
+            and ((devices.get(device_id) or {}).get("health") or {}).get("seq")
+            != figures["health_published"] - 1
         ]
         run_s = time.monotonic() - self.phases.get("agents_started", time.monotonic())
         figures: dict[str, Any] = {
@@ -619,7 +624,9 @@ class Driver:
         steady = self._marks("steady_start", "steady_end")
         if steady is not None and steady["seconds"] > 0:
             figures["steady_cpu_percent_of_a_core"] = round(100 * steady["cpu"] / steady["seconds"], 2)
-            figures["steady_cpu_percent_per_agent"] = round(100 * steady["cpu"] / steady["seconds"] / agents, 4)
+            figures["steady_cpu_percent_per_agent"] = round(
+                100 * steady["cpu"] / steady["seconds"] / agents, 4
+            )
         return figures
 
     def _phase(self, name: str, total: int | None, *, total_s: float | None = None) -> None:
@@ -629,11 +636,11 @@ class Driver:
 
 
 def _process_figures(processes: dict[str, psutil.Process]) -> dict[str, tuple[float, float, float]]:
-    figures = {}
+    figures: dict[str, tuple[float, float, float]] = {}
     for name, process in processes.items():
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
-            figures[name] = (times.user + times.system, process.memory_info().rss, time.monotonic())
+            figures[name] = (times.user + times.system, float(process.memory_info().rss), time.monotonic())
     return figures
 
 

@@ -146,9 +146,7 @@ class Shard:
                 seed=device_seed,
             )
             agent = Agent(settings, state, handler, SimulatedProbe(device_seed))
-            self.emit(
-                ("enrolled", agent.device_id, agent.store_id, spec.index, finished - started, finished)
-            )
+            self.emit(("enrolled", agent.device_id, agent.store_id, spec.index, finished - started, finished))
             return _Device(spec=spec, agent=agent, handler=handler)
 
         self.devices = list(await asyncio.gather(*(one(spec) for spec in self.config.specs)))
