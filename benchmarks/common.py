@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from simulators.provision import percentile  # noqa: F401 (one percentile for the simulator and benchmarks)
+from simulators.report import percentile  # noqa: F401 (one percentile for the simulator and benchmarks)
 from tests.support.ports import free_port
 
 

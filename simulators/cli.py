@@ -66,6 +66,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
             scenario.add_argument("--duration", type=float, default=10.0, help="seconds")
         if name == "rollout":
             scenario.add_argument("--changes", type=int, default=1, help="configuration changes, in turn")
+        if name == "storm":
+            scenario.add_argument("--downtime", type=float, default=1.0, help="seconds the broker is down")
         if name == "chaos":
             rates = ChaosRates()
             scenario.add_argument(
@@ -125,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         duration_s=getattr(args, "duration", 10.0),
         health_interval_s=args.interval,
         changes=getattr(args, "changes", 1),
+        downtime_s=getattr(args, "downtime", 1.0),
         chaos=chaos,
         quiet=args.quiet,
         plots_dir=args.plots,
