@@ -251,6 +251,7 @@ class Driver:
         cp_start = _process_figures(self.target.processes)
         async with self._api() as api:
             store_ids, specs, fingerprint = await self._create_stores(api, plan or no_faults(config.devices))
+            report["store_ids"] = store_ids
             pool = self._pool(specs, fingerprint, plan)
             try:
                 report["provision"] = await self._provision(api, pool, store_ids)

@@ -138,13 +138,8 @@ class Shard:
                 finished = time.monotonic()
             enrollment = state.require_enrollment()
             device_seed = seed * 1_000_003 + spec.index
-            handler = ReportingHandler(
-                self.emit,
-                lambda: enrollment.device_id,
-                failure_rate=spec.apply_failure_rate,
-                delay_s=spec.apply_delay_s,
-                seed=device_seed,
-            )
+            # Faulty behaviour starts with the fault plan (`start_faults`), after provisioning.
+            handler = ReportingHandler(self.emit, lambda: enrollment.device_id, seed=device_seed)
             agent = Agent(settings, state, handler, SimulatedProbe(device_seed))
             self.emit(("enrolled", agent.device_id, agent.store_id, spec.index, finished - started, finished))
             return _Device(spec=spec, agent=agent, handler=handler)
@@ -157,7 +152,11 @@ class Shard:
         self._tasks.append(asyncio.create_task(self._watch_connections(), name="watch-connections"))
 
     def start_faults(self, started: float) -> None:
-        """Run this shard's part of the fault plan, `Fault.at_s` counted from `started` (monotonic)."""
+        """Turn on the devices' faulty behaviour and run this shard's part of the fault plan,
+        `Fault.at_s` counted from `started` (monotonic)."""
+        for device in self.devices:
+            device.handler.failure_rate = device.spec.apply_failure_rate
+            device.handler.delay_s = device.spec.apply_delay_s
         by_index = {device.spec.index: device for device in self.devices}
         for fault in self.config.faults:
             device = by_index.get(fault.device_index)

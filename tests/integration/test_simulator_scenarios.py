@@ -137,7 +137,7 @@ async def test_storm_everyone_reconnects_and_still_takes_changes(stack: RunningC
 CHAOS = ChaosRates(
     duration_s=4.0,
     disconnects_per_device_minute=6.0,
-    offline_fraction=0.2,
+    offline_fraction=0.3,
     offline_s=1.0,
     apply_failure_rate=0.2,
     slow_fraction=0.3,
@@ -157,7 +157,15 @@ async def test_chaos_is_deterministic_per_seed(embedded: RunningControlPlane):
         assert change["applied"] + change["failed"] == 15
         assert change["pending"] == 0
         planned = report["chaos"]["planned"]
-        assert report["chaos"]["injected"] == planned["disconnects"] + planned["offline_periods"] > 0
+        assert planned["offline_periods"] > 0
+        assert planned["disconnects"] > 0
+        assert planned["slow_devices"] > 0
+        assert report["chaos"]["injected"] == planned["disconnects"] + planned["offline_periods"]
+        # Every device took the change or failed it (after its outage), as the control plane saw.
+        devices = (await embedded.api.get("/v1/devices", params={"limit": 1000})).json()["items"]
+        statuses = {d["id"]: d["apply_status"] for d in devices if d["store_id"] in report["store_ids"]}
+        assert len(statuses) == 15
+        assert set(statuses.values()) <= {"applied", "failed"}
     assert first["chaos"]["plan_digest"] == again["chaos"]["plan_digest"]
     assert first["chaos"]["injected_faults"] == again["chaos"]["injected_faults"]
     other = await chaos(12)
