@@ -159,9 +159,9 @@ class Shard:
             device.handler.delay_s = device.spec.apply_delay_s
         by_index = {device.spec.index: device for device in self.devices}
         for fault in self.config.faults:
-            device = by_index.get(fault.device_index)
-            if device is not None:
-                self._tasks.append(asyncio.create_task(self._inject(device, fault, started)))
+            target = by_index.get(fault.device_index)
+            if target is not None:
+                self._tasks.append(asyncio.create_task(self._inject(target, fault, started)))
 
     def mark_cpu(self, name: str) -> None:
         times = self._process.cpu_times()
