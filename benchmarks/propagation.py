@@ -53,7 +53,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "propagation_p99_s": [c["propagation"].get("p99") for c in changes],
         "propagation_max_s": [c["propagation"].get("max") for c in changes],
         "control_plane_reported_all_seconds": [c["control_plane_reported_all_seconds"] for c in changes],
-        "goal_met": bool(best["settled"] and best["propagation"].get("max", 1e9) < 5.0),
+        # Only a run at the goal's scale can meet it.
+        "goal_met": bool(
+            report["devices"] >= 10_000 and best["settled"] and best["all_applied_or_failed_seconds"] < 5.0
+        ),
+        "api_seconds": [c["api_seconds"] for c in changes],
         "simulator_report": report,
     }
 
