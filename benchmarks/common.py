@@ -239,4 +239,5 @@ async def simulator_target(*, postgres: bool, mosquitto: bool, **overrides: Any)
             f"in the driver process ({backend})",
             storm=storm,
             processes=processes,
+            in_process=True,
         )

@@ -2,8 +2,8 @@
 
     python -m benchmarks.simulator_cost --devices 2000 --procs 2 --mosquitto --postgres
 
-The agents run in `--procs` worker processes (the control plane, in this process, is not
-counted); each reports health every `--interval` seconds for `--seconds`. Figures: RSS added
+The agents run in `--procs` worker processes, one at least (the control plane, in this
+process, is not counted); each reports health every `--interval` seconds for `--seconds`. Figures: RSS added
 per agent (worker RSS after connecting minus before enrolling), CPU per agent at steady state
 (% of a core), and the health figures (sent vs accepted, lost). Goal context: 10,000 agents in
 one process on this machine.
@@ -32,6 +32,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         health_interval_s=args.interval,
         enroll_concurrency=args.enroll_concurrency,
         timeout_s=args.timeout,
+        isolate_agents=True,
     )
     async with (
         simulator_target(postgres=args.postgres, mosquitto=args.mosquitto) as target,

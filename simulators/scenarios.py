@@ -72,6 +72,8 @@ class SimConfig:
     chaos: ChaosRates = field(default_factory=ChaosRates)
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 5.0
+    # With procs == 1: run the agents in a worker process anyway (to measure them alone).
+    isolate_agents: bool = False
     quiet: bool = True
     plots_dir: Path | None = None
 
@@ -105,6 +107,8 @@ class Target:
     storm: Callable[[list[str], float], Awaitable[str]] | None = None
     # Local processes whose CPU and RSS count as the control plane's (and broker's).
     processes: dict[str, psutil.Process] = field(default_factory=dict)
+    # The control plane runs in the simulator's own process (its CPU and RSS mix with ours).
+    in_process: bool = False
 
 
 @contextlib.asynccontextmanager
@@ -150,6 +154,7 @@ async def embedded_target(**overrides: Any) -> AsyncIterator[Target]:
                 "embedded (SQLite, amqtt) in the simulator's process",
                 storm=storm if settings.embedded_broker else None,
                 processes={"control_plane_and_driver": psutil.Process(os.getpid())},
+                in_process=True,
             )
         finally:
             task.cancel()
@@ -300,7 +305,7 @@ class Driver:
             )
             for n in range(shards)
         ]
-        if config.procs == 1:
+        if config.procs == 1 and not config.isolate_agents:
             return LocalPool(configs[0], self._on_event)
         return ProcessPool(configs, self._on_event)
 
@@ -631,7 +636,9 @@ class Driver:
             "shards": len(finals),
             "rss_mb_per_shard": [f["rss_mb"] for f in finals],
             "rss_added_kb_per_agent": round(1024 * added / agents, 1),
-            "includes_control_plane": self.config.procs == 1 and "embedded" in self.target.description,
+            "includes_control_plane": self.target.in_process
+            and self.config.procs == 1
+            and not self.config.isolate_agents,
         }
         steady = self._marks("steady_start", "steady_end")
         if steady is not None and steady["seconds"] > 0:
