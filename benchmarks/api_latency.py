@@ -42,7 +42,6 @@ from benchmarks.common import (
     ServerProcess,
     control_plane_process,
     emit_report,
-    fresh_postgres_database,
     measuring_lock_async,
     percentile,
 )
@@ -229,7 +228,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         extra: list[str] = []
         database_url = f"sqlite+aiosqlite:///{data_dir / 'storefleet.db'}"
         if args.postgres:
-            database_url = stack.enter_context(fresh_postgres_database())
+            from tests.support.postgres import fresh_database
+
+            database_url = await stack.enter_async_context(fresh_database())
             extra += ["--database-url", database_url]
         if args.mosquitto:
             from control_plane.pki.ca import BuiltinCA
