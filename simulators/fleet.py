@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.checks import SimulatedChecks
 from agent.enrollment import enroll
 from agent.handlers import MemoryHandler
 from agent.health import SimulatedProbe
@@ -110,6 +111,8 @@ async def enroll_fleet(
             handler,
             SimulatedProbe(seed * 1_000_003 + index),
             on_applied=(lambda version: on_applied(device_id, version)) if on_applied else None,
+            # App checks declared in the desired state pass unless told otherwise (no real apps here).
+            checks=SimulatedChecks(),
         )
         return SimulatedDevice(spec=spec, agent=agent, handler=handler, enroll_seconds=elapsed)
 

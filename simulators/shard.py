@@ -28,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from agent.checks import SimulatedChecks
 from agent.enrollment import enroll
 from agent.errors import ApplyError
 from agent.handlers import MemoryHandler
@@ -140,7 +141,7 @@ class Shard:
             device_seed = seed * 1_000_003 + spec.index
             # Faulty behaviour starts with the fault plan (`start_faults`), after provisioning.
             handler = ReportingHandler(self.emit, lambda: enrollment.device_id, seed=device_seed)
-            agent = Agent(settings, state, handler, SimulatedProbe(device_seed))
+            agent = Agent(settings, state, handler, SimulatedProbe(device_seed), checks=SimulatedChecks())
             self.emit(("enrolled", agent.device_id, agent.store_id, spec.index, finished - started, finished))
             return _Device(spec=spec, agent=agent, handler=handler)
 
