@@ -53,6 +53,10 @@ class ControlPlaneSettings(BaseSettings):
     renewal_queue_size: int = Field(default=1000, gt=0)
     renewal_workers: int = Field(default=2, ge=1)
     log_format: str = Field(default="text", pattern="^(text|json)$")
+    # Provisioning: a store not ready this long after creation fails (and is compensated);
+    # the saga worker looks at its devices' progress this often (and on every enrollment).
+    provisioning_timeout_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    provisioning_interval_s: float = Field(default=0.5, gt=0)
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.

@@ -14,7 +14,9 @@ from control_plane.api.metrics import router as metrics_router
 from control_plane.devices.routes import certificates_router
 from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
+from control_plane.provisioning.routes import router as provisioning_router
 from control_plane.stores.routes import router as stores_router
+from control_plane.templates.routes import router as templates_router
 
 if TYPE_CHECKING:
     from control_plane.runtime import Services
@@ -29,6 +31,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.include_router(stores_router)
+    app.include_router(provisioning_router)
+    app.include_router(templates_router)
     app.include_router(enrollment_router)
     app.include_router(devices_router)
     app.include_router(certificates_router)

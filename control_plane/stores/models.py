@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from control_plane.enrollment.models import TokenCreated
+from control_plane.provisioning.models import ProvisioningView
+from control_plane.templates.models import TemplateId, known_zone, normal_trading_hours
 from protocol.topics import STORE_ID_PATTERN
 
 StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN, examples=["DE-BER-0001"])]
@@ -25,17 +27,49 @@ class StoreConfig(BaseModel):
 class StoreCreate(StoreConfig):
     id: StoreId
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    timezone: Annotated[str, Field(examples=["Europe/Berlin"])] = "UTC"
+    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = Field(
+        default=None, description="IANA time zone; default: the template's, else UTC."
+    )
     region: Annotated[str, Field(max_length=64)] | None = None
+    template_id: TemplateId | None = Field(
+        default=None, description="Make the store from this template (its devices, roles' configuration)."
+    )
+    template_version: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="A version of the template; default: its current one."
+    )
+    trading_hours: dict[str, Any] | None = Field(
+        default=None,
+        description="day or day range → 'HH:MM-HH:MM' | '00:00-24:00' | 'closed'; default: the template's.",
+        examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}],
+    )
+    provision: bool | None = Field(
+        default=None,
+        description="Start provisioning (tokens, then wait for the template's devices); "
+        "default: true with a template. Needs a template.",
+    )
 
     @field_validator("timezone")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone {value!r}") from None
-        return value
+    def _known_zone(cls, value: str | None) -> str | None:
+        return known_zone(value)
+
+    @field_validator("trading_hours")
+    @classmethod
+    def _normal_hours(cls, value: Any) -> Any:
+        return normal_trading_hours(value)
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> Self:
+        if self.template_id is None:
+            if self.template_version is not None:
+                raise ValueError("template_version: given without template_id")
+            if self.provision:
+                raise ValueError("provision: provisioning needs a template_id (the devices to expect)")
+        return self
+
+    @property
+    def provisions(self) -> bool:
+        return self.template_id is not None and self.provision is not False
 
 
 class StoreView(BaseModel):
@@ -47,5 +81,21 @@ class StoreView(BaseModel):
     policies: dict[str, Any]
     config_revision: int
     device_count: int
+    status: str = Field(description="provisioning, ready, degraded, offline or decommissioned")
+    status_changed_at: datetime | None
+    template_id: str | None
+    template_version: int | None
+    trading_hours: dict[str, Any] | None = Field(description="Normal form: all seven days, [[start, end], …]")
+    ready_at: datetime | None = Field(description="When provisioning made the store ready")
     created_at: datetime
     updated_at: datetime
+
+
+class StoreCreated(StoreView):
+    """The new store; with provisioning, its saga and the enrollment tokens' secrets (shown once)."""
+
+    provisioning: ProvisioningView | None = None
+    enrollment_tokens: list[TokenCreated] = Field(
+        default_factory=list,
+        description="One token per role of the template (max_uses = its count). Secrets shown once.",
+    )
