@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from control_plane.enrollment.models import TokenCreated
 from control_plane.provisioning.models import ProvisioningView
@@ -58,14 +59,15 @@ class StoreCreate(StoreConfig):
     def _normal_hours(cls, value: Any) -> Any:
         return normal_trading_hours(value)
 
-    @model_validator(mode="after")
-    def _template_fields(self) -> Self:
-        if self.template_id is None:
-            if self.template_version is not None:
-                raise ValueError("template_version: given without template_id")
-            if self.provision:
-                raise ValueError("provision: provisioning needs a template_id (the devices to expect)")
-        return self
+    @field_validator("template_version", "provision")
+    @classmethod
+    def _needs_template(cls, value: Any, info: ValidationInfo) -> Any:
+        # (A template_id that failed its own validation is missing from `data`: no second error.)
+        if value not in (None, False) and "template_id" in info.data and info.data["template_id"] is None:
+            raise PydanticCustomError(
+                "template_required", "{field} needs a template_id", {"field": info.field_name}
+            )
+        return value
 
     @property
     def provisions(self) -> bool:

@@ -47,9 +47,15 @@ _ALIASES = {"daily": "mon-sun", "everyday": "mon-sun", "weekdays": "mon-fri", "w
 
 
 class TradingHoursError(InvalidInput):
-    """Trading hours that cannot be understood; the message names the field and the value."""
+    """Trading hours that cannot be understood: `field` (e.g. ``trading_hours.mon-fri``) and
+    `detail` say where and what; the message has both."""
 
     code = "invalid_trading_hours"
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"field {field!r}: {detail}")
+        self.field = field
+        self.detail = detail
 
 
 def normalize(value: Any, *, field: str = "trading_hours") -> TradingHours | None:
@@ -58,11 +64,10 @@ def normalize(value: Any, *, field: str = "trading_hours") -> TradingHours | Non
         return None
     if not isinstance(value, Mapping):
         raise TradingHoursError(
-            f"field {field!r}: expected an object of day → hours, e.g. "
-            '{"mon-sat": "08:00-20:00", "sun": "closed"}'
+            field, 'expected an object of day → hours, e.g. {"mon-sat": "08:00-20:00", "sun": "closed"}'
         )
     if len(value) > 14:
-        raise TradingHoursError(f"field {field!r}: at most 14 day entries")
+        raise TradingHoursError(field, "at most 14 day entries")
     given: set[str] = set()
     minutes: dict[str, list[tuple[int, int]]] = {day: [] for day in DAYS}
     for raw_key, hours in value.items():
@@ -70,7 +75,7 @@ def normalize(value: Any, *, field: str = "trading_hours") -> TradingHours | Non
         days = _days(raw_key, field=key_field)
         for day in days:
             if day in given:
-                raise TradingHoursError(f"field {key_field!r}: {day!r} is given more than once")
+                raise TradingHoursError(key_field, f"{day!r} is given more than once")
             given.add(day)
         for start, end in _intervals(hours, field=key_field):
             for day in days:
@@ -82,9 +87,7 @@ def normalize(value: Any, *, field: str = "trading_hours") -> TradingHours | Non
                         minutes[_next(day)].append((0, end))
     missing = [day for day in DAYS if day not in given]
     if missing:
-        raise TradingHoursError(
-            f'field {field!r}: no hours for {", ".join(missing)} (say "closed" for a closed day)'
-        )
+        raise TradingHoursError(field, f'no hours for {", ".join(missing)} (say "closed" for a closed day)')
     return {day: [[_clock(a), _clock(b)] for a, b in _merged(minutes[day])] for day in DAYS}
 
 
@@ -110,13 +113,14 @@ def is_open(trading_hours: Mapping[str, Any] | None, tz: str, at: datetime) -> b
 
 def _days(raw_key: object, *, field: str) -> list[str]:
     if not isinstance(raw_key, str):
-        raise TradingHoursError(f"field {field!r}: a day must be a string")
+        raise TradingHoursError(field, "a day must be a string")
     key = _ALIASES.get(raw_key.strip().lower(), raw_key.strip().lower())
     parts = key.split("-")
     if len(parts) > 2 or any(part not in DAYS for part in parts):
         raise TradingHoursError(
-            f"field {field!r}: {raw_key!r} is not a day or day range "
-            "(mon, tue, wed, thu, fri, sat, sun, e.g. 'mon-fri' or 'sat-thu')"
+            field,
+            f"{raw_key!r} is not a day or day range "
+            "(mon, tue, wed, thu, fri, sat, sun, e.g. 'mon-fri' or 'sat-thu')",
         )
     first = DAYS.index(parts[0])
     last = DAYS.index(parts[-1])
@@ -133,11 +137,9 @@ def _intervals(hours: object, *, field: str) -> list[tuple[int, int]]:
     elif isinstance(hours, list):  # the normal form: [["08:00", "20:00"], ...]
         pieces = list(hours)
     else:
-        raise TradingHoursError(
-            f"field {field!r}: expected 'HH:MM-HH:MM', '00:00-24:00' or 'closed', got {hours!r}"
-        )
+        raise TradingHoursError(field, f"expected 'HH:MM-HH:MM', '00:00-24:00' or 'closed', got {hours!r}")
     if len(pieces) > 8:
-        raise TradingHoursError(f"field {field!r}: at most 8 intervals a day")
+        raise TradingHoursError(field, "at most 8 intervals a day")
     return [_interval(piece, field=field) for piece in pieces]
 
 
@@ -149,13 +151,13 @@ def _interval(piece: object, *, field: str) -> tuple[int, int]:
     else:
         bounds = []
     if len(bounds) != 2 or not all(isinstance(b, str) for b in bounds):
-        raise TradingHoursError(f"field {field!r}: {piece!r} is not an interval like '08:00-20:00'")
+        raise TradingHoursError(field, f"{piece!r} is not an interval like '08:00-20:00'")
     start, end = (_parse_time(str(b).strip(), field=field) for b in bounds)
     if start == MINUTES_PER_DAY:
-        raise TradingHoursError(f"field {field!r}: an interval cannot start at 24:00")
+        raise TradingHoursError(field, "an interval cannot start at 24:00")
     if start == end:
         raise TradingHoursError(
-            f"field {field!r}: {piece!r} is empty (use '00:00-24:00' for open all day, 'closed' for closed)"
+            field, f"{piece!r} is empty (use '00:00-24:00' for open all day, 'closed' for closed)"
         )
     return start, end
 
@@ -163,10 +165,10 @@ def _interval(piece: object, *, field: str) -> tuple[int, int]:
 def _parse_time(text: str, *, field: str) -> int:
     match = _TIME.match(text)
     if match is None:
-        raise TradingHoursError(f"field {field!r}: {text!r} is not a time HH:MM (00:00 to 24:00)")
+        raise TradingHoursError(field, f"{text!r} is not a time HH:MM (00:00 to 24:00)")
     value = int(match.group(1)) * 60 + int(match.group(2))
     if value > MINUTES_PER_DAY:
-        raise TradingHoursError(f"field {field!r}: {text!r} is past 24:00")
+        raise TradingHoursError(field, f"{text!r} is past 24:00")
     return value
 
 

@@ -11,10 +11,11 @@ effective-configuration code reads as well::
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from control_plane.desired.layers import ConfigLayer
 from control_plane.stores.trading_hours import TradingHoursError, normalize
@@ -35,15 +36,21 @@ def known_zone(value: str | None) -> str | None:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown IANA time zone {value!r}") from None
+        raise PydanticCustomError(
+            "time_zone", "unknown IANA time zone {zone} (e.g. Europe/Berlin)", {"zone": repr(value)}
+        ) from None
     return value
 
 
 def normal_trading_hours(value: Any) -> Any:
+    """For a pydantic validator: the normal form, or an error that says which day and why."""
     try:
         return normalize(value)
     except TradingHoursError as exc:
-        raise ValueError(exc.message) from None
+        day = exc.field.removeprefix("trading_hours").lstrip(".")
+        raise PydanticCustomError(
+            "trading_hours", "{where}{detail}", {"where": f"{day!r}: " if day else "", "detail": exc.detail}
+        ) from None
 
 
 class TemplateSpec(BaseModel):
@@ -88,15 +95,22 @@ class TemplateSpec(BaseModel):
     def _normal_hours(cls, value: Any) -> Any:
         return normal_trading_hours(value)
 
-    @model_validator(mode="after")
-    def _roles_in_manifest(self) -> Self:
-        unknown = sorted(set(self.roles) - set(self.manifest))
+    @field_validator("roles")
+    @classmethod
+    def _roles_in_manifest(
+        cls, roles: dict[str, ConfigLayer], info: ValidationInfo
+    ) -> dict[str, ConfigLayer]:
+        manifest = info.data.get("manifest")
+        if manifest is None:  # the manifest itself is invalid; that error is reported
+            return roles
+        unknown = sorted(set(roles) - set(manifest))
         if unknown:
-            raise ValueError(
-                f"roles: {', '.join(map(repr, unknown))} not in the manifest "
-                f"({', '.join(sorted(self.manifest))}); configure only roles the store has"
+            raise PydanticCustomError(
+                "unknown_role",
+                "{unknown} not in the manifest ({known}): configure only roles the store has",
+                {"unknown": ", ".join(map(repr, unknown)), "known": ", ".join(sorted(manifest))},
             )
-        return self
+        return roles
 
     def stored_spec(self) -> dict[str, Any]:
         """The immutable version's JSON (see the module docstring for the shape)."""
