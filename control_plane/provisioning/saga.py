@@ -157,7 +157,8 @@ def advance(
 
     roles = role_progress(expected, devices)
     target = _target(expected, roles, devices)
-    # Normally the enrollment already asked the publisher; this covers a request lost in a crash.
+    # Normally the enrollment already asked the publisher; the worker asks again for those
+    # enrolled a while ago (a request lost in a crash).
     step.refresh = [d.id for d in devices if d.desired_version == 0]
     if target is SagaState.READY:
         seconds = (now - started_at).total_seconds()
