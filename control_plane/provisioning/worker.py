@@ -204,6 +204,7 @@ class ProvisioningWorker:
                         store_provisioning.c.updated_at,
                     )
                     .where(store_provisioning.c.store_id.in_([saga.store_id for saga, _ in changed]))
+                    .order_by(store_provisioning.c.store_id)  # one lock order: no deadlock between workers
                     .with_for_update()
                 )
             }
