@@ -76,25 +76,23 @@ class DeviceFacts:
         return self.configured and self.healthy and self.online
 
 
-def device_facts(row: Mapping[Any, Any], *, fresh_after: datetime) -> DeviceFacts:
-    """From a devices row: healthy = the last report said so (at least one report needed);
-    online = said online and heard from recently (as the device view shows it)."""
+def device_facts(row: Mapping[Any, Any]) -> DeviceFacts:
+    """From a row of `service.device_columns`: healthy = the health roll-up says so, or, while
+    it has no verdict, the last report did (at least one report needed); online = said
+    online and heard from recently (computed in SQL, as the device view shows it)."""
     status = row["health_status"]
-    summary = row["health"]
-    reported_healthy = isinstance(summary, Mapping) and summary.get("healthy") is True
-    last_seen = row["last_seen_at"]
     return DeviceFacts(
         id=row["id"],
         role=row["role"],
         desired_version=int(row["desired_version"]),
         applied_version=int(row["applied_version"]),
         apply_status=row["apply_status"],
-        healthy=status == "healthy" or (status in (None, "unknown") and reported_healthy),
-        online=bool(row["online"]) and last_seen is not None and last_seen >= fresh_after,
+        healthy=status == "healthy" or (status in (None, "unknown") and bool(row["reported_healthy"])),
+        online=bool(row["online"]),
     )
 
 
-def role_progress(expected: Mapping[str, int], devices: Iterable[DeviceFacts]) -> dict[str, RoleProgress]:
+def role_counts(expected: Mapping[str, int], devices: Iterable[DeviceFacts]) -> dict[str, dict[str, int]]:
     """Per role: expected and the devices at each step now (roles outside the manifest too)."""
     counts: dict[str, dict[str, int]] = {
         role: {"expected": n, "enrolled": 0, "configured": 0, "healthy": 0, "online": 0, "ready": 0}
@@ -102,15 +100,27 @@ def role_progress(expected: Mapping[str, int], devices: Iterable[DeviceFacts]) -
     }
     for device in devices:
         role = device.role or "(none)"
-        row = counts.setdefault(
-            role, {"expected": 0, "enrolled": 0, "configured": 0, "healthy": 0, "online": 0, "ready": 0}
-        )
+        row = counts.get(role)
+        if row is None:
+            row = counts[role] = {
+                "expected": 0,
+                "enrolled": 0,
+                "configured": 0,
+                "healthy": 0,
+                "online": 0,
+                "ready": 0,
+            }
         row["enrolled"] += 1
         row["configured"] += device.configured
         row["healthy"] += device.healthy
         row["online"] += device.online
         row["ready"] += device.ready
-    return {role: RoleProgress(**row) for role, row in sorted(counts.items())}
+    return counts
+
+
+def role_progress(expected: Mapping[str, int], devices: Iterable[DeviceFacts]) -> dict[str, RoleProgress]:
+    """`role_counts` as the API shows it."""
+    return {role: RoleProgress(**row) for role, row in sorted(role_counts(expected, devices).items())}
 
 
 @dataclass
@@ -155,7 +165,7 @@ def advance(
                     detail["version"] = device.applied_version
                 step.events.append((kind, detail))
 
-    roles = role_progress(expected, devices)
+    roles = role_counts(expected, devices)
     target = _target(expected, roles, devices)
     # Normally the enrollment already asked the publisher; the worker asks again for those
     # enrolled a while ago (a request lost in a crash).
@@ -173,25 +183,25 @@ def advance(
     return step
 
 
-def missing(expected: Mapping[str, int], roles: Mapping[str, RoleProgress]) -> str:
+def missing(expected: Mapping[str, int], roles: Mapping[str, Mapping[str, int]]) -> str:
     """What keeps the store from ready, e.g. 'pos 1/2 enrolled, tablet 4/6 ready'."""
     parts = []
     for role, n in sorted(expected.items()):
-        progress = roles[role]
-        if progress.enrolled < n:
-            parts.append(f"{role} {progress.enrolled}/{n} enrolled")
-        elif progress.ready < n:
-            parts.append(f"{role} {progress.ready}/{n} ready")
+        counts = roles[role]
+        if counts["enrolled"] < n:
+            parts.append(f"{role} {counts['enrolled']}/{n} enrolled")
+        elif counts["ready"] < n:
+            parts.append(f"{role} {counts['ready']}/{n} ready")
     return ", ".join(parts) or "devices without a desired state"
 
 
 def _target(
-    expected: Mapping[str, int], roles: Mapping[str, RoleProgress], devices: list[DeviceFacts]
+    expected: Mapping[str, int], roles: Mapping[str, Mapping[str, int]], devices: list[DeviceFacts]
 ) -> SagaState:
-    if any(roles[role].enrolled < n for role, n in expected.items()):
+    if any(roles[role]["enrolled"] < n for role, n in expected.items()):
         return SagaState.WAITING_ENROLLMENT
     if any(device.desired_version == 0 for device in devices):
         return SagaState.CONFIGURING
-    if any(roles[role].ready < n for role, n in expected.items()):
+    if any(roles[role]["ready"] < n for role, n in expected.items()):
         return SagaState.VERIFYING
     return SagaState.READY

@@ -53,25 +53,10 @@ from control_plane.provisioning.saga import (
     advance,
     device_facts,
 )
-from control_plane.provisioning.service import record_events
+from control_plane.provisioning.service import device_columns, record_events
 from protocol.topics import TopicKind, device_topic
 
 logger = logging.getLogger(__name__)
-
-_DEVICE_COLUMNS = (
-    devices.c.id,
-    devices.c.store_id,
-    devices.c.role,
-    devices.c.desired_version,
-    devices.c.applied_version,
-    devices.c.apply_status,
-    devices.c.health_status,
-    devices.c.health,
-    devices.c.online,
-    devices.c.last_seen_at,
-    devices.c.enrolled_at,
-)
-REFRESH_GRACE = timedelta(seconds=5)
 
 
 class CompensationPending(Exception):
@@ -96,7 +81,9 @@ class ProvisioningWorker:
         self._link = link
         self._offline_after = offline_after
         self._interval_s = interval_s
-        self._settle_s = min(0.1, interval_s)  # a burst of wake-ups makes one pass, not hundreds
+        # Wake-ups shorten the wait, but passes stay at least half an interval apart: a burst of
+        # enrollments makes a few passes, not one each.
+        self._settle_s = interval_s / 2
         self._clock = clock
         self._wakeup = asyncio.Event()
         self.passes = 0  # for benchmarks and metrics: passes made, and their time in total
@@ -140,7 +127,7 @@ class ProvisioningWorker:
             if forward:
                 rows = list(
                     await conn.execute(
-                        sa.select(*_DEVICE_COLUMNS)
+                        sa.select(*device_columns(now=now, offline_after=self._offline_after))
                         .join(store_provisioning, store_provisioning.c.store_id == devices.c.store_id)
                         .where(
                             store_provisioning.c.state.in_([state.value for state in FORWARD]),
@@ -162,15 +149,11 @@ class ProvisioningWorker:
     # --- forward ---------------------------------------------------------------------------
 
     async def _advance(self, sagas: list[Any], rows: list[Any], now: datetime) -> None:
-        fresh_after = now - self._offline_after
         by_store: dict[str, list[Any]] = defaultdict(list)
-        # Enrolled a while ago and still without a desired state: the publisher's request was
-        # lost (a crash right after the enrollment committed). Younger ones are on their way.
-        overdue_before = now - REFRESH_GRACE
-        overdue = set()
+        overdue = set()  # no desired state yet, and enrolled a while ago (see REFRESH_GRACE)
         for row in rows:
-            by_store[row.store_id].append(device_facts(row._mapping, fresh_after=fresh_after))
-            if row.desired_version == 0 and row.enrolled_at < overdue_before:
+            by_store[row.store_id].append(device_facts(row._mapping))
+            if row.desired_version == 0 and row.overdue:
                 overdue.add(row.id)
         changed: list[tuple[Any, Step]] = []
         refresh: list[str] = []
