@@ -1,6 +1,7 @@
 """Store provisioning end to end: S stores x D devices from "store created" to "ready".
 
-    python -m benchmarks.provision_ready --stores 100 [--postgres] [--mosquitto] [--json out.json]
+    python -m benchmarks.provision_ready --stores 100 [--arrival all|staggered] [--postgres] [--mosquitto]
+        [--json out.json]
 
 The control plane runs in this process (as the tests run it: embedded amqtt broker and SQLite
 by default; `--postgres` a fresh database on the local PostgreSQL; `--mosquitto` an external
@@ -8,7 +9,9 @@ Mosquitto configured by the product's own generator), with the product's default
 provisioning intervals. A template with 10 devices per store (2 pos, 6 tablet, 1 kiosk,
 1 backoffice) is created, then every store is created from it through the API, all at once:
 the stress case of a chain opening S stores at the same moment. Each answer carries the
-saga's role-scoped tokens.
+saga's role-scoped tokens. With `--arrival staggered` the fleet process creates each store
+itself just before its devices enroll, so a store's time to ready is the saga's own latency
+(enroll, connect, apply, report, verify) under the same load, without the queue of stores.
 
 A second process is the fleet: the simulator's real agents (own key, CSR, HTTPS enrollment
 with the saga's tokens, mTLS MQTT session, reconciler, health reports). Stores enroll
@@ -49,14 +52,36 @@ GOAL_SECONDS = 30.0
 
 
 def fleet_process(
-    conn: Connection, server_url: str, fingerprint: str, stores: list[list[dict[str, Any]]], concurrency: int
+    conn: Connection, server_url: str, stores: list[Any], concurrency: int, creator: dict[str, str] | None
 ) -> None:
-    """Enroll and run every store's devices; report; keep them running until told to stop."""
-    asyncio.run(_fleet(conn, server_url, fingerprint, stores, concurrency))
+    """Enroll and run every store's devices; report; keep them running until told to stop.
+
+    `stores`: each store's tokens (stores made by the parent), or, with `creator` (admin key
+    and CA file), store ids this process creates itself just before enrolling their devices."""
+    asyncio.run(_fleet(conn, server_url, stores, concurrency, creator))
+
+
+async def _create_store(server_url: str, creator: dict[str, str], store_id: str) -> list[dict[str, Any]]:
+    import ssl
+
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=server_url,
+        verify=ssl.create_default_context(cafile=creator["ca_file"]),
+        headers={"Authorization": f"Bearer {creator['admin_key']}"},
+        timeout=60,
+    ) as api:
+        response = await api.post(
+            "/v1/stores", json={"id": store_id, "name": store_id, "template_id": "bench"}
+        )
+        response.raise_for_status()
+        tokens: list[dict[str, Any]] = response.json()["enrollment_tokens"]
+        return tokens
 
 
 async def _fleet(
-    conn: Connection, server_url: str, fingerprint: str, stores: list[list[dict[str, Any]]], concurrency: int
+    conn: Connection, server_url: str, stores: list[Any], concurrency: int, creator: dict[str, str] | None
 ) -> None:
     from simulators.fleet import DeviceSpec, Fleet, enroll_fleet, simulator_settings
 
@@ -66,18 +91,19 @@ async def _fleet(
     with simulator_settings(reconnect_min_s=0.2, reconnect_max_s=5.0) as settings:
         started = time.perf_counter()
 
-        async def one_store(index: int, tokens: list[dict[str, Any]]) -> None:
-            specs = [
-                DeviceSpec(token=token["token"], role=token["role"], model=f"{token['role']}-sim")
-                for token in tokens
-                for _ in range(token["max_uses"])
-            ]
+        async def one_store(index: int, store: Any) -> None:
             try:
                 async with gate:
+                    tokens = await _create_store(server_url, creator, store) if creator else store
+                    specs = [
+                        DeviceSpec(token=token["token"], role=token["role"], model=f"{token['role']}-sim")
+                        for token in tokens
+                        for _ in range(token["max_uses"])
+                    ]
                     fleet = await enroll_fleet(
                         specs,
                         server_url=server_url,
-                        ca_fingerprint=fingerprint,
+                        ca_fingerprint=tokens[0]["ca_fingerprint"],
                         settings=settings,
                         seed=index,
                         concurrency=len(specs),
@@ -88,7 +114,7 @@ async def _fleet(
             fleet.start()
             fleets.append(fleet)
 
-        await asyncio.gather(*(one_store(i, tokens) for i, tokens in enumerate(stores)))
+        await asyncio.gather(*(one_store(i, store) for i, store in enumerate(stores)))
         enrolled_at = time.perf_counter()
         enroll = [device.enroll_seconds for fleet in fleets for device in fleet.devices]
         conn.send(
@@ -109,7 +135,7 @@ async def _fleet(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.support.control_plane import running_control_plane
+    from tests.support.control_plane import ADMIN_KEY, running_control_plane
 
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
@@ -162,22 +188,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             run_id = f"{int(time.time()) % 100000:05d}"
             store_ids = [f"BENCH-{run_id}-{i:04d}" for i in range(args.stores)]
             created_started = time.perf_counter()
-            tokens: list[list[dict[str, Any]]] = []
-            fingerprint = ""
-            for store_id in store_ids:
-                response = await cp.api.post(
-                    "/v1/stores", json={"id": store_id, "name": store_id, "template_id": "bench"}
-                )
-                response.raise_for_status()
-                tokens.append(response.json()["enrollment_tokens"])
-                fingerprint = tokens[-1][0]["ca_fingerprint"]
+            stores: list[Any] = store_ids
+            creator = None
+            if args.arrival == "staggered":
+                creator = {"admin_key": ADMIN_KEY, "ca_file": str(cp.ca_file)}
+            else:
+                stores = []
+                for store_id in store_ids:
+                    response = await cp.api.post(
+                        "/v1/stores", json={"id": store_id, "name": store_id, "template_id": "bench"}
+                    )
+                    response.raise_for_status()
+                    stores.append(response.json()["enrollment_tokens"])
             create_seconds = time.perf_counter() - created_started
 
             ctx = multiprocessing.get_context("spawn")
             parent_end, child_end = ctx.Pipe()
             child = ctx.Process(
                 target=fleet_process,
-                args=(child_end, cp.base_url, fingerprint, tokens, args.store_concurrency),
+                args=(child_end, cp.base_url, stores, args.store_concurrency, creator),
             )
             child.start()
             try:
@@ -197,7 +226,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 )
                             ).all()
                         )
-                    if states.get("ready", 0) == args.stores:
+                    if states.get("ready", 0) == args.stores and sum(states.values()) == args.stores:
                         break
                     if not child.is_alive() and not enrolled:
                         raise RuntimeError("the fleet process exited without a report")
@@ -247,7 +276,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "min": round(min(ready), 2) if ready else None,
             },
             "total_seconds_first_created_to_last_ready": round(total, 2) if total is not None else None,
-            "create_stores_seconds": round(create_seconds, 2),
+            "arrival": args.arrival,
+            "create_stores_seconds": round(create_seconds, 2) if args.arrival == "all" else None,
             "enroll": {
                 "devices": enrolled.get("devices"),
                 "seconds": round(enrolled.get("enroll_seconds", 0.0), 2),
@@ -282,6 +312,13 @@ def main() -> None:
         "--store-concurrency", type=int, default=2, help="stores enrolling at once (10 devices each)"
     )
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--arrival",
+        choices=("all", "staggered"),
+        default="all",
+        help="all: every store created at once, then the devices come; staggered: each store is created "
+        "just before its devices enroll (the saga's own latency under the same load)",
+    )
     parser.add_argument("--postgres", action="store_true", help="a fresh database on the local PostgreSQL")
     parser.add_argument("--mosquitto", action="store_true", help="an external Mosquitto broker")
     parser.add_argument("--json", type=Path)
