@@ -4,6 +4,7 @@
                      [--database-url URL] [--broker-url mqtts://…] [--broker-log-file F]
     storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P]
     storefleet ca init [--data-dir DIR] [--trust-domain T]
+    storefleet templates import FILE [--data-dir DIR] [--database-url URL]
     storefleet demo
 
 Flags override `STOREFLEET_*` environment variables (see docs/configuration.md). `demo`
@@ -120,6 +121,28 @@ def _ca_init(args: argparse.Namespace) -> None:
         print(f"The root key {pki / ROOT_KEY} is only needed to sign a new intermediate: move it offline.")
 
 
+async def _templates_import(args: argparse.Namespace) -> None:
+    from control_plane.audit import AuditLog
+    from control_plane.db.engine import create_engine, migrate
+    from control_plane.errors import StorefleetError
+    from control_plane.templates.importer import import_templates
+    from control_plane.templates.service import TemplateService
+
+    settings = _settings(args, ("data_dir", "database_url"))
+    if settings.database_url is None:  # SQLite in the data dir, as `serve` would make it
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        await migrate(engine)
+        service = TemplateService(engine=engine, audit=AuditLog(engine))
+        for result in await import_templates(service, args.file, actor="cli:templates-import"):
+            print(f"{result.template_id}: {result.outcome} (version {result.version})")
+    except StorefleetError as exc:
+        raise SystemExit(f"storefleet: {exc.message}") from None
+    finally:
+        await engine.dispose()
+
+
 @contextlib.contextmanager
 def _ca_setup_errors() -> Iterator[None]:
     from control_plane.pki.ca import CAConfigurationError
@@ -191,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca_init.add_argument("--data-dir", type=Path)
     ca_init.add_argument("--trust-domain")
 
+    templates = sub.add_parser("templates", help="store templates")
+    templates_sub = templates.add_subparsers(dest="templates_command", required=True)
+    templates_import = templates_sub.add_parser(
+        "import", help="create/update templates from a templates.json (name → {role: count})"
+    )
+    templates_import.add_argument("file", type=Path)
+    templates_import.add_argument("--data-dir", type=Path)
+    templates_import.add_argument("--database-url")
+
     sub.add_parser("demo", help="run the product end to end with 20 in-process agents, then exit")
     return parser
 
@@ -210,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         configure_logging(level=args.log_level)
         with _ca_setup_errors():
             _ca_init(args)
+    elif args.command == "templates":
+        configure_logging(level=args.log_level)
+        asyncio.run(_templates_import(args))
     elif args.command == "demo":
         from simulators.demo import run_demo
 

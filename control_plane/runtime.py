@@ -50,11 +50,14 @@ from control_plane.pki.gateway import CAGateway
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from control_plane.pki.service_identity import ServiceIdentity
 from control_plane.pki.signing_keys import SigningKeyring
+from control_plane.provisioning.service import ProvisioningService
+from control_plane.provisioning.worker import ProvisioningWorker
 from control_plane.releases.service import ReleaseService
 from control_plane.rollouts.driver import RolloutDriver
 from control_plane.rollouts.service import RolloutService
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stores.service import StoreService
+from control_plane.templates.service import TemplateService
 from protocol.messages import BrokerEndpoint
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,9 @@ class Services:
     rollouts: RolloutService
     rollout_driver: RolloutDriver
     health: HealthMonitor
+    templates: TemplateService
+    provisioning: ProvisioningService
+    provisioning_worker: ProvisioningWorker
     # Refusal counters of the embedded broker (None with an external broker).
     broker_counters: Callable[[], dict[str, int]] | None = None
 
@@ -232,24 +238,43 @@ class ControlPlane:
             rollup_interval_s=s.store_rollup_interval_s,
             retention_interval_s=s.health_retention_interval_s,
         )
+        enrollment = EnrollmentService(
+            engine=engine,
+            ca=gateway,
+            ca_fingerprint=ca_fingerprint(ca),
+            keyring=keyring,
+            publisher=publisher,
+            registry=registry,
+            audit=audit,
+            broker=BrokerEndpoint(host=broker_host, port=broker_port),
+            cert_validity=s.device_cert_validity,
+            default_token_ttl=timedelta(hours=s.default_token_ttl_hours),
+            health_interval_s=s.health_interval_s,
+        )
+        lifecycle = DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit)
+        provisioning = ProvisioningService(
+            engine=engine,
+            enrollment=enrollment,
+            audit=audit,
+            timeout=timedelta(seconds=s.provisioning_timeout_s),
+            offline_after=offline_after,
+        )
+        provisioning_worker = ProvisioningWorker(
+            engine=engine,
+            publisher=publisher,
+            lifecycle=lifecycle,
+            link=link,
+            offline_after=offline_after,
+            interval_s=s.provisioning_interval_s,
+        )
+        provisioning.on_change = provisioning_worker.wake
+        enrollment.on_enrolled = lambda _store_id: provisioning_worker.wake()
         self._services = Services(
             engine=engine,
             audit=audit,
             api_keys=api_keys,
-            stores=StoreService(engine=engine, publisher=publisher, audit=audit),
-            enrollment=EnrollmentService(
-                engine=engine,
-                ca=gateway,
-                ca_fingerprint=ca_fingerprint(ca),
-                keyring=keyring,
-                publisher=publisher,
-                registry=registry,
-                audit=audit,
-                broker=BrokerEndpoint(host=broker_host, port=broker_port),
-                cert_validity=s.device_cert_validity,
-                default_token_ttl=timedelta(hours=s.default_token_ttl_hours),
-                health_interval_s=s.health_interval_s,
-            ),
+            stores=StoreService(engine=engine, publisher=publisher, audit=audit, provisioning=provisioning),
+            enrollment=enrollment,
             devices=DeviceService(engine=engine, offline_after=offline_after),
             publisher=publisher,
             ingest=ingest,
@@ -257,7 +282,7 @@ class ControlPlane:
             renewals=renewals,
             ca_chain_pem=pki.trust_bundle_pem,
             registry=registry,
-            lifecycle=DeviceLifecycle(engine=engine, registry=registry, link=link, audit=audit),
+            lifecycle=lifecycle,
             ca=gateway,
             config=ConfigService(engine=engine, publisher=publisher, keyring=keyring, audit=audit),
             releases=ReleaseService(engine=engine, audit=audit),
@@ -270,6 +295,9 @@ class ControlPlane:
             tags=DeviceTags(engine=engine, publisher=publisher, audit=audit),
             groups=GroupService(engine=engine, publisher=publisher, audit=audit),
             health=health,
+            templates=TemplateService(engine=engine, audit=audit),
+            provisioning=provisioning,
+            provisioning_worker=provisioning_worker,
         )
 
     async def close(self) -> None:
@@ -333,6 +361,7 @@ class ControlPlane:
                         else []
                     ),
                     group.create_task(services.health.run(), name="health-jobs"),
+                    group.create_task(services.provisioning_worker.run(), name="provisioning"),
                 ]
                 try:
                     await self._serve_http()

@@ -75,6 +75,10 @@ class ControlPlaneSettings(BaseSettings):
     rollout_tick_s: float = Field(default=1.0, gt=0)
     rollout_lease_ttl_s: float = Field(default=10.0, gt=0)
     rollout_driver: bool = True
+    # Provisioning: a store not ready this long after creation fails (and is compensated);
+    # the saga worker looks at its devices' progress this often (and on every enrollment).
+    provisioning_timeout_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    provisioning_interval_s: float = Field(default=0.5, gt=0)
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.

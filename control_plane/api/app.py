@@ -21,9 +21,11 @@ from control_plane.devices.routes import router as devices_router
 from control_plane.enrollment.routes import router as enrollment_router
 from control_plane.groups.routes import router as groups_router
 from control_plane.health.routes import router as health_router
+from control_plane.provisioning.routes import router as provisioning_router
 from control_plane.releases.routes import router as releases_router
 from control_plane.rollouts.routes import router as rollouts_router
 from control_plane.stores.routes import router as stores_router
+from control_plane.templates.routes import router as templates_router
 
 if TYPE_CHECKING:
     from control_plane.runtime import Services
@@ -39,6 +41,8 @@ def create_app(services: Services) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(IdempotencyMiddleware, engine=services.engine)
     app.include_router(stores_router)
+    app.include_router(provisioning_router)
+    app.include_router(templates_router)
     app.include_router(enrollment_router)
     app.include_router(devices_router)
     app.include_router(certificates_router)

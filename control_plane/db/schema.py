@@ -210,6 +210,8 @@ store_provisioning = sa.Table(
     sa.Column("ready_at", UTCDateTime, nullable=True),
     sa.Column("seconds_to_ready", sa.Float, nullable=True),
     sa.Column("error", sa.String(1000), nullable=True),
+    # {device_id: ["enrolled", "configured", "healthy"]}: milestones already on the timeline
+    sa.Column("progress", sa.JSON, nullable=True),
 )
 
 # A store's timeline: provisioning steps, status changes, operator actions.

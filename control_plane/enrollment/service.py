@@ -15,6 +15,7 @@ audited operator action.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -67,14 +68,25 @@ class EnrollmentService:
         self._default_token_ttl = default_token_ttl
         self._health_interval_s = health_interval_s
         self._clock = clock
+        # Told the store id of each new enrollment (the provisioning saga wakes up on it).
+        self.on_enrolled: Callable[[str], None] | None = None
 
     # --- tokens ------------------------------------------------------------------------
 
     async def create_token(self, store_id: str, spec: TokenCreate, *, actor: str) -> TokenCreated:
         async with self._engine.begin() as conn:
-            if await conn.scalar(sa.select(stores.c.id).where(stores.c.id == store_id)) is None:
+            status = await conn.scalar(sa.select(stores.c.status).where(stores.c.id == store_id))
+            if status is None:
                 raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+            if status == DECOMMISSIONED:
+                raise Conflict(f"store {store_id!r} is decommissioned", code="store_decommissioned")
             return await self._insert_token(conn, store_id, spec, actor=actor, device_id=None)
+
+    async def issue_token(
+        self, conn: AsyncConnection, store_id: str, spec: TokenCreate, *, actor: str
+    ) -> TokenCreated:
+        """`create_token` inside the caller's transaction (a store and its tokens in one commit)."""
+        return await self._insert_token(conn, store_id, spec, actor=actor, device_id=None)
 
     async def create_reenrollment_token(
         self, device_id: str, spec: TokenCreate, *, actor: str
@@ -269,6 +281,8 @@ class EnrollmentService:
         if superseded:
             await self._registry.publish_after_commit(superseded)
         self._publisher.request_refresh([device_id])
+        if self.on_enrolled is not None:
+            self.on_enrolled(token.store_id)
         return EnrollmentResponse(
             device_id=device_id,
             store_id=token.store_id,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from control_plane.desired.layers import ConfigLayer
+from control_plane.enrollment.models import TokenCreated
+from control_plane.provisioning.models import ProvisioningView
+from control_plane.templates.models import TemplateId, known_zone, normal_trading_hours
 from protocol.topics import STORE_ID_PATTERN
 
 StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN, examples=["DE-BER-0001"])]
@@ -21,17 +24,50 @@ class StoreConfig(ConfigLayer):
 class StoreCreate(StoreConfig):
     id: StoreId
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    timezone: Annotated[str, Field(examples=["Europe/Berlin"])] = "UTC"
+    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = Field(
+        default=None, description="IANA time zone; default: the template's, else UTC."
+    )
     region: Annotated[str, Field(max_length=64)] | None = None
+    template_id: TemplateId | None = Field(
+        default=None, description="Make the store from this template (its devices, roles' configuration)."
+    )
+    template_version: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="A version of the template; default: its current one."
+    )
+    trading_hours: dict[str, Any] | None = Field(
+        default=None,
+        description="day or day range → 'HH:MM-HH:MM' | '00:00-24:00' | 'closed'; default: the template's.",
+        examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}],
+    )
+    provision: bool | None = Field(
+        default=None,
+        description="Start provisioning (tokens, then wait for the template's devices); "
+        "default: true with a template. Needs a template.",
+    )
 
     @field_validator("timezone")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone {value!r}") from None
+    def _known_zone(cls, value: str | None) -> str | None:
+        return known_zone(value)
+
+    @field_validator("trading_hours")
+    @classmethod
+    def _normal_hours(cls, value: Any) -> Any:
+        return normal_trading_hours(value)
+
+    @field_validator("template_version", "provision")
+    @classmethod
+    def _needs_template(cls, value: Any, info: ValidationInfo) -> Any:
+        # (A template_id that failed its own validation is missing from `data`: no second error.)
+        if value not in (None, False) and "template_id" in info.data and info.data["template_id"] is None:
+            raise PydanticCustomError(
+                "template_required", "{field} needs a template_id", {"field": info.field_name}
+            )
         return value
+
+    @property
+    def provisions(self) -> bool:
+        return self.template_id is not None and self.provision is not False
 
 
 class StoreView(BaseModel):
@@ -45,5 +81,20 @@ class StoreView(BaseModel):
     config_revision: int = Field(description='the ETag of the store layer is "r<config_revision>"')
     device_count: int
     status: str = Field(description="provisioning, ready, degraded, offline or decommissioned")
+    status_changed_at: datetime | None
+    template_id: str | None
+    template_version: int | None
+    trading_hours: dict[str, Any] | None = Field(description="Normal form: all seven days, [[start, end], …]")
+    ready_at: datetime | None = Field(description="When provisioning made the store ready")
     created_at: datetime
     updated_at: datetime
+
+
+class StoreCreated(StoreView):
+    """The new store; with provisioning, its saga and the enrollment tokens' secrets (shown once)."""
+
+    provisioning: ProvisioningView | None = None
+    enrollment_tokens: list[TokenCreated] = Field(
+        default_factory=list,
+        description="One token per role of the template (max_uses = its count). Secrets shown once.",
+    )

@@ -9,13 +9,15 @@ from fastapi import APIRouter, Depends, Response, status
 from control_plane.api.deps import OperatorDep, ServicesDep
 from control_plane.api.preconditions import expected_revision, set_etag
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
-from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StoreView
 
 router = APIRouter(prefix="/v1/stores", tags=["stores"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_store(spec: StoreCreate, services: ServicesDep, operator: OperatorDep) -> StoreView:
+async def create_store(spec: StoreCreate, services: ServicesDep, operator: OperatorDep) -> StoreCreated:
+    """Create a store. With `template_id` it is made from the template and provisioned: the
+    answer carries one enrollment token per role (secrets shown once) and the saga's state."""
     return await services.stores.create(spec, actor=operator.name)
 
 

@@ -1,4 +1,5 @@
-"""Store rules: create, read, and change the store's configuration layer."""
+"""Store rules: create (by hand, or from a template with provisioning), read, and change the
+store's configuration layer."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from control_plane.api.preconditions import etag_for
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.clock import Clock, utc_now
-from control_plane.db.schema import devices, stores
+from control_plane.db.schema import devices, store_provisioning, stores
 from control_plane.desired.publisher import DesiredStatePublisher
+from control_plane.enrollment.models import TokenCreated
 from control_plane.errors import Conflict, NotFound, PreconditionFailed
-from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
+from control_plane.provisioning.service import ProvisioningService
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StoreView
+from control_plane.templates.service import resolve_version
 
 logger = logging.getLogger(__name__)
 
@@ -27,36 +31,83 @@ class StoreService:
         engine: AsyncEngine,
         publisher: DesiredStatePublisher,
         audit: AuditLog,
+        provisioning: ProvisioningService | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
         self._publisher = publisher
         self._audit = audit
+        self._provisioning = provisioning
         self._clock = clock
 
-    async def create(self, spec: StoreCreate, *, actor: str) -> StoreView:
+    async def create(self, spec: StoreCreate, *, actor: str) -> StoreCreated:
+        """Create the store; made from a template, with its provisioning saga and tokens in the
+        same transaction (all or nothing)."""
         now = self._clock()
+        tokens: list[TokenCreated] = []
+        provisions = spec.provisions
         try:
             async with self._engine.begin() as conn:
+                template: tuple[str, int] | None = None
+                template_spec: dict[str, Any] = {}
+                if spec.template_id is not None:
+                    version, template_spec = await resolve_version(
+                        conn, spec.template_id, spec.template_version
+                    )
+                    template = (spec.template_id, version)
                 await conn.execute(
                     stores.insert().values(
                         id=spec.id,
                         name=spec.name,
-                        timezone=spec.timezone,
+                        timezone=spec.timezone or template_spec.get("timezone") or "UTC",
                         region=spec.region,
                         config=spec.as_layer(),
                         config_revision=1,
                         created_at=now,
                         updated_at=now,
+                        template_id=template[0] if template else None,
+                        template_version=template[1] if template else None,
+                        trading_hours=(
+                            spec.trading_hours
+                            if spec.trading_hours is not None
+                            else template_spec.get("trading_hours")
+                        ),
+                        status="provisioning" if provisions else "ready",
+                        status_changed_at=now,
                     )
                 )
                 await self._audit.record(
-                    AuditEvent(action="store.create", outcome=Outcome.SUCCESS, actor=actor, target=spec.id),
+                    AuditEvent(
+                        action="store.create",
+                        outcome=Outcome.SUCCESS,
+                        actor=actor,
+                        target=spec.id,
+                        detail={"template": list(template) if template else None, "provision": provisions},
+                    ),
                     connection=conn,
                 )
+                if provisions:
+                    if self._provisioning is None:
+                        raise RuntimeError("StoreService built without provisioning")
+                    tokens = await self._provisioning.start(
+                        conn,
+                        store_id=spec.id,
+                        expected=template_spec["manifest"],
+                        template=template,
+                        now=now,
+                        actor=actor,
+                    )
         except IntegrityError:
             raise Conflict(f"store {spec.id!r} already exists", code="store_exists") from None
-        return await self.get(spec.id)
+        view = await self.get(spec.id)
+        if not provisions or self._provisioning is None:
+            return StoreCreated(**view.model_dump())
+        self._provisioning.on_change()
+        return StoreCreated(
+            **view.model_dump(),
+            provisioning=await self._provisioning.get(spec.id),
+            enrollment_tokens=tokens,
+        )
 
     async def get(self, store_id: str) -> StoreView:
         views = await self._select(stores.c.id == store_id)
@@ -113,7 +164,12 @@ class StoreService:
 
     async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:
         device_count = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
-        query = sa.select(stores, device_count.label("device_count")).where(where).order_by(stores.c.id)
+        query = (
+            sa.select(stores, device_count.label("device_count"), store_provisioning.c.ready_at)
+            .outerjoin(store_provisioning, store_provisioning.c.store_id == stores.c.id)
+            .where(where)
+            .order_by(stores.c.id)
+        )
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_view(row._mapping) for row in rows]
@@ -132,6 +188,11 @@ def _view(row: Any) -> StoreView:
         config_revision=row["config_revision"],
         device_count=row["device_count"],
         status=row["status"],
+        status_changed_at=row["status_changed_at"],
+        template_id=row["template_id"],
+        template_version=row["template_version"],
+        trading_hours=row["trading_hours"],
+        ready_at=row["ready_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

@@ -69,6 +69,7 @@ def upgrade() -> None:
         sa.Column("ready_at", UTCDateTime, nullable=True),
         sa.Column("seconds_to_ready", sa.Float, nullable=True),
         sa.Column("error", sa.String(1000), nullable=True),
+        sa.Column("progress", sa.JSON, nullable=True),
     )
     op.create_table(
         "store_events",
