@@ -177,45 +177,60 @@ def make_keys_and_csrs(count: int) -> list[tuple[str, str]]:
     return pairs
 
 
+async def benchmark_control_plane(
+    stack: contextlib.AsyncExitStack, tmp: Path, *, postgres: bool, mosquitto: bool, **overrides: Any
+) -> tuple[Any, Any]:
+    """A control plane in this process for a benchmark, on SQLite + amqtt or PostgreSQL and/or
+    Mosquitto (configured as `storefleet broker-config mosquitto` would), with the product's
+    flush interval and no per-source enrollment limit (every agent comes from 127.0.0.1).
+    Returns (RunningControlPlane, MosquittoProcess or None); `stack` closes them."""
+    from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.files import write_public
+    from control_plane.settings import ControlPlaneSettings
+    from tests.support.control_plane import running_control_plane
+    from tests.support.mosquitto import MosquittoProcess
+    from tests.support.postgres import fresh_database
+
+    data_dir = tmp / "control-plane"
+    defaults = ControlPlaneSettings.model_fields
+    settings: dict[str, Any] = {
+        # running_control_plane shortens the flush interval for tests; benchmarks use the product's.
+        "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
+        "enroll_rate_per_source_s": 1_000_000.0,
+        "enroll_burst_per_source": 1_000_000,
+        **overrides,
+    }
+    broker: Any = None
+    if postgres:
+        settings["database_url"] = await stack.enter_async_context(fresh_database())
+    if mosquitto:
+        ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
+        crl_file = data_dir / "pki" / "crl.pem"
+        write_public(crl_file, ca.crl_pem([]).encode())
+        broker = MosquittoProcess(ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file)
+        host, port = await stack.enter_async_context(broker)
+        settings["broker_url"] = f"mqtts://{host}:{port}"
+        settings["broker_log_file"] = broker.log_file
+    cp = await stack.enter_async_context(running_control_plane(data_dir, **settings))
+    return cp, broker
+
+
 @contextlib.asynccontextmanager
 async def simulator_target(*, postgres: bool, mosquitto: bool, **overrides: Any) -> AsyncIterator[Any]:
     """A control plane in this process (its event loop is the simulator driver's; the agents run
     in `--procs` worker processes) on SQLite + amqtt, or PostgreSQL and/or Mosquitto; yields
     a `simulators.scenarios.Target` whose storm restarts Mosquitto or drops device connections."""
-    from control_plane.pki.ca import BuiltinCA
-    from control_plane.pki.files import write_public
-    from control_plane.settings import ControlPlaneSettings
     from simulators.scenarios import Target
-    from tests.support.control_plane import ADMIN_KEY, running_control_plane
-    from tests.support.mosquitto import MosquittoProcess
-    from tests.support.postgres import fresh_database
+    from tests.support.control_plane import ADMIN_KEY
 
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
-        data_dir = tmp / "control-plane"
-        defaults = ControlPlaneSettings.model_fields
-        settings: dict[str, Any] = {
-            "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
-            "enroll_rate_per_source_s": 1_000_000.0,
-            "enroll_burst_per_source": 1_000_000,
-            **overrides,
-        }
+        cp, broker = await benchmark_control_plane(
+            stack, tmp, postgres=postgres, mosquitto=mosquitto, **overrides
+        )
         processes = {"control_plane_and_driver": psutil.Process()}
-        broker: Any = None
-        if postgres:
-            settings["database_url"] = await stack.enter_async_context(fresh_database())
-        if mosquitto:
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            broker = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(broker)
-            settings["broker_url"] = f"mqtts://{host}:{port}"
-            settings["broker_log_file"] = broker.log_file
+        if broker is not None:
             processes["mosquitto"] = psutil.Process(broker._process.pid)
-        cp = await stack.enter_async_context(running_control_plane(data_dir, **settings))
 
         async def storm(device_ids: list[str], downtime_s: float) -> str:
             if broker is not None:

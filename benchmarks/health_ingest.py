@@ -44,10 +44,9 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
-from benchmarks.common import emit_report, make_keys_and_csrs, measuring_lock_async
+from benchmarks.common import benchmark_control_plane, emit_report, make_keys_and_csrs, measuring_lock_async
 from control_plane.db.schema import devices as devices_table
 from control_plane.db.schema import health_history
-from control_plane.settings import ControlPlaneSettings
 from protocol.messages import CheckResult, HealthReport
 from protocol.topics import TopicKind, device_topic
 
@@ -259,39 +258,12 @@ def _send(sock: Any, packet: bytes) -> bool:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.support.control_plane import running_control_plane
 
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
-        data_dir = tmp / "control-plane"
-        defaults = ControlPlaneSettings.model_fields
-        overrides: dict[str, Any] = {
-            # running_control_plane shortens the flush interval for tests; the benchmark uses the product's.
-            "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
-            "enroll_rate_per_source_s": 1_000_000.0,
-            "enroll_burst_per_source": 1_000_000,
-        }
-        mosquitto = None
-        if args.postgres:
-            from tests.support.postgres import fresh_database
-
-            overrides["database_url"] = await stack.enter_async_context(fresh_database())
-        if args.mosquitto:
-            from control_plane.pki.ca import BuiltinCA
-            from control_plane.pki.files import write_public
-            from tests.support.mosquitto import MosquittoProcess
-
-            # As an operator would with `storefleet broker-config mosquitto` (see tests/conftest.py).
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            mosquitto = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(mosquitto)
-            overrides["broker_url"] = f"mqtts://{host}:{port}"
-            overrides["broker_log_file"] = mosquitto.log_file
-        cp = await stack.enter_async_context(running_control_plane(data_dir, **overrides))
+        cp, mosquitto = await benchmark_control_plane(
+            stack, tmp, postgres=args.postgres, mosquitto=args.mosquitto
+        )
         services = cp.control_plane.services
 
         # Enrollment: a few tokens with max_uses, pre-made CSRs over the HTTP API.
@@ -365,7 +337,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "devices": len(credentials),
             "reports_per_device": args.reports_per_device,
             "qos": args.qos,
-            "ingest_flush_interval_s": overrides["ingest_flush_interval_s"],
+            "ingest_flush_interval_s": cp.settings.ingest_flush_interval_s,
             "ingest_batch_size": cp.settings.ingest_batch_size,
             "enroll_seconds": round(enroll_seconds, 2),
             "connect_seconds": round(connected["connect_seconds"], 2),

@@ -40,9 +40,8 @@ from typing import Any
 import psutil
 import sqlalchemy as sa
 
-from benchmarks.common import emit_report, measuring_lock_async, percentile
+from benchmarks.common import benchmark_control_plane, emit_report, measuring_lock_async, percentile
 from control_plane.db.schema import store_provisioning
-from control_plane.settings import ControlPlaneSettings
 
 MANIFEST = {"pos": 2, "tablet": 6, "kiosk": 1, "backoffice": 1}
 GOAL_SECONDS = 30.0
@@ -135,39 +134,11 @@ async def _fleet(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.support.control_plane import ADMIN_KEY, running_control_plane
+    from tests.support.control_plane import ADMIN_KEY
 
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
-        data_dir = tmp / "control-plane"
-        defaults = ControlPlaneSettings.model_fields
-        overrides: dict[str, Any] = {
-            # running_control_plane shortens the flush interval for tests; the benchmark uses the product's.
-            "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
-            "enroll_rate_per_source_s": 1_000_000.0,  # every enrollment comes from 127.0.0.1
-            "enroll_burst_per_source": 1_000_000,
-        }
-        mosquitto = None
-        if args.postgres:
-            from tests.support.postgres import fresh_database
-
-            overrides["database_url"] = await stack.enter_async_context(fresh_database())
-        if args.mosquitto:
-            from control_plane.pki.ca import BuiltinCA
-            from control_plane.pki.files import write_public
-            from tests.support.mosquitto import MosquittoProcess
-
-            # As an operator would with `storefleet broker-config mosquitto` (see tests/conftest.py).
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            mosquitto = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(mosquitto)
-            overrides["broker_url"] = f"mqtts://{host}:{port}"
-            overrides["broker_log_file"] = mosquitto.log_file
-        cp = await stack.enter_async_context(running_control_plane(data_dir, **overrides))
+        cp, _ = await benchmark_control_plane(stack, tmp, postgres=args.postgres, mosquitto=args.mosquitto)
         services = cp.control_plane.services
         template = {
             "id": "bench",

@@ -33,8 +33,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import emit_report, measuring_lock_async
-from control_plane.settings import ControlPlaneSettings
+from benchmarks.common import benchmark_control_plane, emit_report, measuring_lock_async
 
 STORE_ID = "BENCH-ROLLOUT"
 
@@ -103,36 +102,12 @@ async def _all_at(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.support.control_plane import running_control_plane
 
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
-        data_dir = tmp / "control-plane"
-        defaults = ControlPlaneSettings.model_fields
-        overrides: dict[str, Any] = {
-            "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
-            "enroll_rate_per_source_s": 1_000_000.0,
-            "enroll_burst_per_source": 1_000_000,
-            "rollout_tick_s": args.tick,
-        }
-        if args.postgres:
-            from tests.support.postgres import fresh_database
-
-            overrides["database_url"] = await stack.enter_async_context(fresh_database())
-        if args.mosquitto:
-            from control_plane.pki.ca import BuiltinCA
-            from control_plane.pki.files import write_public
-            from tests.support.mosquitto import MosquittoProcess
-
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            mosquitto = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(mosquitto)
-            overrides["broker_url"] = f"mqtts://{host}:{port}"
-        cp = await stack.enter_async_context(running_control_plane(data_dir, **overrides))
+        cp, _ = await benchmark_control_plane(
+            stack, tmp, postgres=args.postgres, mosquitto=args.mosquitto, rollout_tick_s=args.tick
+        )
         await cp.create_store(STORE_ID, config={"pos": {"currency": "EUR"}})
         token = await cp.create_token(STORE_ID, max_uses=args.devices)
 
