@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from control_plane.pki.identity import REPLICA_ID_PATTERN
 from protocol.messages import MAX_MESSAGE_BYTES
 
 
@@ -67,6 +68,10 @@ class ControlPlaneSettings(BaseSettings):
     rollout_tick_s: float = Field(default=1.0, gt=0)
     rollout_lease_ttl_s: float = Field(default=10.0, gt=0)
     rollout_driver: bool = True
+    # Several replicas on one broker and one PostgreSQL (docs/running.md "Several replicas"):
+    # this replica's MQTT identity is storefleet-control-plane-<replica_id>, and it shares the
+    # device messages with the others through MQTT shared subscriptions.
+    replica_id: str | None = Field(default=None, pattern=REPLICA_ID_PATTERN)
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.
@@ -97,6 +102,17 @@ class ControlPlaneSettings(BaseSettings):
         if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("database_url must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
         return value
+
+    @model_validator(mode="after")
+    def _replicas_share_broker_and_database(self) -> Self:
+        if self.replica_id is not None and (
+            self.broker_url is None or not (self.database_url or "").startswith("postgresql")
+        ):
+            raise ValueError(
+                "replica_id needs an external broker (broker_url) and PostgreSQL (database_url): "
+                "replicas share both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _safe_vault(self) -> Self:
