@@ -15,16 +15,22 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
+import sqlalchemy as sa
 
+from control_plane.db.engine import create_engine, migrate
+from control_plane.db.schema import desired_states, devices, stores
+from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.mqtt.link import share_group
 from control_plane.pki.ca import BuiltinCA
 from control_plane.pki.files import write_public
 from control_plane.pki.identity import CONTROL_PLANE_SERVICE
+from control_plane.pki.signing_keys import SigningKeyring
 from protocol.topics import TopicKind, device_topic, fleet_filter
 from tests.support.agents import enroll_agent, running
 from tests.support.certs import ClientCredentials, make_device_credentials, make_service_credentials
@@ -265,3 +271,56 @@ async def test_only_the_replicas_get_the_device_messages_they_share(tmp_path: Pa
         got = await deliveries({"a": f"$share/{group}/{health}", "thief": f"$share/{group}/{health}"})
         assert got["thief"] == 0
         assert got["a"] < 6
+
+
+class _Offline:
+    """A replica's broker link, down: versions are issued and committed, published later."""
+
+    is_connected = False
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        raise AssertionError("not connected")
+
+
+async def test_replicas_issuing_versions_at_once_never_issue_one_twice(tmp_path: Path) -> None:
+    """Two replicas' publishers change the same devices at the same moment (an operator on one,
+    the rollout driver on the other): every version is issued once, in order, none refused."""
+    keyring = SigningKeyring.load_or_create(tmp_path / "signing")
+    async with fresh_database() as url:
+        engines = [create_engine(url), create_engine(url)]
+        try:
+            await migrate(engines[0])
+            now = datetime.now(UTC)
+            async with engines[0].begin() as conn:
+                await conn.execute(
+                    stores.insert().values(
+                        id="S1", name="S1", timezone="UTC", config={}, created_at=now, updated_at=now
+                    )
+                )
+                await conn.execute(
+                    devices.insert(),
+                    [{"id": f"dev-{i}", "store_id": "S1", "enrolled_at": now} for i in range(20)],
+                )
+            publishers = [DesiredStatePublisher(engine, keyring, _Offline()) for engine in engines]
+            ids = [f"dev-{i}" for i in range(20)]
+            for round_ in range(1, 11):
+                async with engines[0].begin() as conn:
+                    await conn.execute(stores.update().values(config={"config": {"round": round_}}))
+                issued = await asyncio.gather(*(p.refresh_devices(ids) for p in publishers))
+                assert sorted(issued) == [0, 20], issued  # one of them issued, the other found nothing new
+            async with engines[0].connect() as conn:
+                rows = (
+                    await conn.execute(
+                        sa.select(
+                            desired_states.c.device_id, desired_states.c.version, desired_states.c.document
+                        )
+                    )
+                ).all()
+            for device_id in ids:
+                mine = sorted(
+                    (r.version, r.document["config"]["round"]) for r in rows if r.device_id == device_id
+                )
+                assert mine == [(n, n) for n in range(1, 11)], mine
+        finally:
+            for engine in engines:
+                await engine.dispose()
