@@ -16,9 +16,9 @@ What Mosquitto enforces with this configuration:
   keys on it: ``pattern`` lines with ``%u`` give a device exactly its own topics (publish its
   DEVICE_PUBLISHES kinds, subscribe to and receive its DEVICE_SUBSCRIBES kinds); the
   control-plane service gets ``sf/v1/#`` (and so does each ``storefleet-control-plane-<id>`` of
-  `control_plane_replicas`; Mosquitto checks a ``$share/<group>/…`` subscription against the
-  filter after the group, so shared subscriptions need no rule of their own); everything else
-  is denied. Mosquitto checks read
+  `control_plane_replicas`; deliveries to a ``$share/<group>/…`` subscription are checked
+  against the read rules like any other, so shared subscriptions need no rule of their own);
+  everything else is denied. Mosquitto checks read
   access again when it delivers, so a wildcard subscription does not leak other devices'
   messages;
 - payloads over ``max_message_bytes`` are dropped (``message_size_limit``, the QoS flow still
@@ -40,6 +40,10 @@ What it cannot enforce, unlike the embedded broker (`control_plane.broker.embedd
   device from a service or check the trust domain. A device whose id equalled a service name
   would get that service's rights; the control plane assigns device ids (``dev-<hex>``), so
   none can be a service name;
+- that only the control plane subscribes to fleet filters: Mosquitto grants every subscription
+  and checks read access per delivery. Harmless for plain subscriptions, but a client that
+  joined the replicas' ``$share/<group>/…`` would take its turns and swallow those messages,
+  so the group name is a secret (`control_plane.mqtt.link.share_group`);
 - revocation of a connected client: the CRL (``crlfile``) only stops new connections, and
   Mosquitto 2.0 reads it only at start; there is no call that drops a live client.
 """
