@@ -2,7 +2,7 @@
 
     storefleet serve [--data-dir DIR] [--host H] [--port P] [--mqtt-port M]
                      [--database-url URL] [--broker-url mqtts://…] [--broker-log-file F]
-    storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P]
+    storefleet broker-config mosquitto --data-dir DIR --out DIR [--port P] [--control-plane-replica ID …]
     storefleet ca init [--data-dir DIR] [--trust-domain T]
     storefleet templates import FILE [--data-dir DIR] [--database-url URL]
     storefleet demo
@@ -86,6 +86,7 @@ def _broker_config(args: argparse.Namespace) -> None:
         hostnames=args.hostname or None,
         run_as_user=args.user,
         client_id_from_certificate=args.client_id_from_certificate,
+        control_plane_replicas=args.control_plane_replica or (),
         crl_file=crl_file,
         log_file=args.out / "mosquitto.log",
     )
@@ -164,7 +165,18 @@ SERVE_FLAGS = (
     "public_host",
     "trust_domain",
     "log_format",
+    "replica_id",
 )
+
+
+def _replica_id(value: str) -> str:
+    from control_plane.pki.identity import control_plane_service
+
+    try:
+        control_plane_service(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-domain")
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument(
+        "--replica-id", type=_replica_id, help="this replica's id when several share a broker and database"
+    )
+    serve.add_argument(
         "--broker-log-file", type=Path, help="an external Mosquitto's log: refusals go to the audit log"
     )
 
@@ -204,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="force each client id to its certificate CN (stops client-id take-over; one connection per "
         "identity, which is what the control plane uses)",
+    )
+
+    mosquitto.add_argument(
+        "--control-plane-replica",
+        action="append",
+        type=_replica_id,
+        metavar="ID",
+        help="allow a control-plane replica started with --replica-id ID (repeat for each)",
     )
 
     ca = sub.add_parser("ca", help="the built-in certificate authority")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,11 +44,11 @@ from control_plane.health.rollup import StoreRollup
 from control_plane.health.service import HealthMonitor
 from control_plane.health.staleness import StalenessSweeper
 from control_plane.ingest import Ingest
-from control_plane.mqtt.link import BrokerLink
+from control_plane.mqtt.link import BrokerLink, share_group
 from control_plane.pki.ca import BuiltinCA, write_identity
 from control_plane.pki.factory import open_pki
 from control_plane.pki.gateway import CAGateway
-from control_plane.pki.identity import CONTROL_PLANE_SERVICE
+from control_plane.pki.identity import control_plane_service
 from control_plane.pki.service_identity import ServiceIdentity
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.provisioning.service import ProvisioningService
@@ -157,9 +158,10 @@ class ControlPlane:
         key_pem, issued = ca.issue_server_identity(hostnames)
         self._server_key, self._server_cert = write_identity(s.pki_dir, "server", key_pem, issued)
         self._ca_file = pki.trust_bundle_file  # built-in root + intermediate (+ Vault chain)
+        service_name = control_plane_service(s.replica_id)  # also the MQTT client id
         identity = ServiceIdentity(
             ca,
-            name=CONTROL_PLANE_SERVICE,
+            name=service_name,
             validity=SERVICE_CERT_VALIDITY,
             directory=s.pki_dir,
             trust_file=self._ca_file,
@@ -178,15 +180,18 @@ class ControlPlane:
             batch_size=s.ingest_batch_size,
         )
         broker_host, broker_port = s.broker_endpoint
+        upload_key = load_or_create_upload_key(s.pki_dir / UPLOAD_KEY_FILE)
         publisher_ref: list[DesiredStatePublisher] = []
         link = BrokerLink(
             host=broker_host,
             port=broker_port,
             tls_context=identity.tls_context,
-            client_id=CONTROL_PLANE_SERVICE,
+            client_id=service_name,
             on_message=ingest.handle,
             on_connected=lambda: publisher_ref[0].republish_all(),
             reconnect_max_s=s.mqtt_reconnect_max_s,
+            # Replicas split device messages (docs/running.md "Several replicas").
+            shared_group=share_group(upload_key) if s.replica_id is not None else None,
         )
         publisher = DesiredStatePublisher(engine, keyring, link)
         publisher_ref.append(publisher)
@@ -210,7 +215,7 @@ class ControlPlane:
             link=link,
             audit=audit,
             artifacts_dir=s.artifacts_dir,
-            upload_key=load_or_create_upload_key(s.pki_dir / UPLOAD_KEY_FILE),
+            upload_key=upload_key,
             base_url=self.base_url,
             default_ttl=timedelta(seconds=s.command_default_ttl_s),
             max_ttl=timedelta(seconds=s.command_max_ttl_s),
@@ -221,7 +226,11 @@ class ControlPlane:
         ingest.route_commands(commands.submit_result, on_online=commands.device_online)
         registry = RevocationRegistry(engine=engine, gateway=gateway, crl_path=s.pki_dir / "crl.pem")
         rollout_driver = RolloutDriver(
-            engine=engine, publisher=publisher, tick_s=s.rollout_tick_s, lease_ttl_s=s.rollout_lease_ttl_s
+            engine=engine,
+            publisher=publisher,
+            tick_s=s.rollout_tick_s,
+            lease_ttl_s=s.rollout_lease_ttl_s,
+            holder=None if s.replica_id is None else f"{service_name}:{secrets.token_hex(3)}",
         )
         offline_after = timedelta(seconds=s.health_interval_s * s.offline_after_intervals)
         health = HealthMonitor(

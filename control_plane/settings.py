@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from control_plane.pki.identity import REPLICA_ID_PATTERN
 from protocol.messages import MAX_MESSAGE_BYTES
 
 
@@ -79,6 +80,10 @@ class ControlPlaneSettings(BaseSettings):
     # the saga worker looks at its devices' progress this often (and on every enrollment).
     provisioning_timeout_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     provisioning_interval_s: float = Field(default=0.5, gt=0)
+    # Several replicas on one broker and one PostgreSQL (docs/running.md "Several replicas"):
+    # this replica's MQTT identity is storefleet-control-plane-<replica_id>, and it shares the
+    # device messages with the others through MQTT shared subscriptions.
+    replica_id: str | None = Field(default=None, pattern=REPLICA_ID_PATTERN)
 
     # Certificate authority (docs/security.md "CA backends"). The built-in CA always issues the
     # server and control-plane certificates; `ca_backend` chooses who signs device certificates.
@@ -109,6 +114,17 @@ class ControlPlaneSettings(BaseSettings):
         if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("database_url must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
         return value
+
+    @model_validator(mode="after")
+    def _replicas_share_broker_and_database(self) -> Self:
+        if self.replica_id is not None and (
+            self.broker_url is None or not (self.database_url or "").startswith("postgresql")
+        ):
+            raise ValueError(
+                "replica_id needs an external broker (broker_url) and PostgreSQL (database_url): "
+                "replicas share both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _safe_vault(self) -> Self:

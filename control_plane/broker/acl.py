@@ -10,6 +10,8 @@ the control-plane service       anything under ``sf/v1/`` (wildcard filters incl
 anyone else                     nothing
 ==============================  =====================================================
 
+The control-plane service is every replica of it: a service certificate named
+``storefleet-control-plane`` or ``storefleet-control-plane-<replica id>``.
 The Mosquitto ACL file (`control_plane.broker.mosquitto`) is generated from the same
 `DEVICE_PUBLISHES` / `DEVICE_SUBSCRIBES` sets, so both brokers enforce the same table.
 """

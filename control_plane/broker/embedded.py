@@ -71,7 +71,7 @@ from cryptography import x509
 
 from control_plane.broker import acl
 from control_plane.errors import StorefleetError
-from control_plane.pki.identity import CONTROL_PLANE_SERVICE, CertificateIdentity, identity_of
+from control_plane.pki.identity import CertificateIdentity, identity_of
 from protocol.messages import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def _describe(identity: CertificateIdentity | None) -> str | None:
 def client_id_matches(identity: CertificateIdentity, client_id: str) -> bool:
     """The client id a certificate identity may connect with."""
     if identity.is_control_plane:
-        return client_id == CONTROL_PLANE_SERVICE or client_id.startswith(CONTROL_PLANE_SERVICE + "-")
+        # Its own name, or its name plus a suffix (extra sessions of the same replica).
+        return client_id == identity.name or client_id.startswith(identity.name + "-")
     return client_id == identity.name
 
 

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_CONCURRENCY = 500
 REFRESH_CHUNK = 2000
+ISSUE_LOCK_KEY = 0x5F_1550E  # PostgreSQL advisory lock key of version issuing ("sf issue")
 
 
 class Publisher(Protocol):
@@ -125,6 +126,10 @@ class DesiredStatePublisher:
 
     async def _refresh(self, which: sa.ColumnElement[bool]) -> int:
         async with self._lock, self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Other replicas issue too: one issuer at a time across them (held to commit),
+                # or two would both write version N+1 of a device.
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ISSUE_LOCK_KEY)))
             assembled = await assemble(conn, which)
             trusted = self._keyring.trusted()
             issued: list[dict[str, Any]] = []

@@ -3,12 +3,23 @@
 One long-lived aiomqtt client: subscribes to what devices publish, hands each message to a
 callback, and publishes desired state. Reconnects with backoff and jitter; after every
 (re)connect it calls `on_connected` (the publisher refills retained desired state).
+
+With `shared_group` (several replicas on one broker) it subscribes through MQTT shared
+subscriptions, ``$share/<group>/sf/v1/dev/+/<kind>``: the broker hands each device message to
+one member of the group. The session is then clean: a persistent session of a dead replica
+would stay in the group and Mosquitto would keep queueing its share of the messages for it
+(tested: half of them), instead of giving them to the replicas still alive. The group name is
+a secret (`share_group`): Mosquitto 2.0 lets any client subscribe to any filter and checks read
+access only at delivery, so a device that joined the group would swallow its share of every
+device's messages (tested).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import random
 import ssl
@@ -32,6 +43,12 @@ INGEST_KINDS = (
 MessageHandler = Callable[[str, bytes], None]
 
 
+def share_group(secret: bytes) -> str:
+    """The replicas' shared-subscription group, derived from a secret every replica holds
+    (the upload key in the `pki/` they share), so no other client can join it."""
+    return "sf-" + hmac.new(secret, b"storefleet mqtt share group", hashlib.sha256).hexdigest()[:24]
+
+
 class BrokerLink:
     def __init__(
         self,
@@ -45,6 +62,7 @@ class BrokerLink:
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 10.0,
         keepalive_s: int = 30,
+        shared_group: str | None = None,
     ) -> None:
         self._host, self._port = host, port
         self.tls_context = tls_context  # asked before every connect (certificates rotate)
@@ -53,9 +71,17 @@ class BrokerLink:
         self._on_connected = on_connected
         self._reconnect_min_s, self._reconnect_max_s = reconnect_min_s, reconnect_max_s
         self._keepalive_s = keepalive_s
+        self._shared_group = shared_group
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self.connects = 0
+
+    @property
+    def subscriptions(self) -> list[str]:
+        filters = [fleet_filter(kind) for kind in INGEST_KINDS]
+        if self._shared_group is None:
+            return filters
+        return [f"$share/{self._shared_group}/{topic_filter}" for topic_filter in filters]
 
     @property
     def is_connected(self) -> bool:
@@ -76,7 +102,7 @@ class BrokerLink:
                     self._port,
                     identifier=self._client_id,
                     tls_context=self.tls_context(),
-                    clean_session=False,
+                    clean_session=self._shared_group is not None,
                     keepalive=self._keepalive_s,
                     max_inflight_messages=1000,
                     timeout=30,
@@ -87,8 +113,8 @@ class BrokerLink:
                     self._client = client
                     # Before subscribing: every device message takes the lean path (receive.py).
                     FastReceiver(client._client, self._on_message).install(asyncio.get_running_loop())
-                    for kind in INGEST_KINDS:
-                        await client.subscribe(fleet_filter(kind), qos=1)
+                    for topic_filter in self.subscriptions:
+                        await client.subscribe(topic_filter, qos=1)
                     self._connected.set()
                     self.connects += 1
                     delay = self._reconnect_min_s

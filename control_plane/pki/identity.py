@@ -2,10 +2,15 @@
 
 Devices:  ``spiffe://<trust-domain>/store/<store_id>/device/<device_id>`` (CN = device id)
 Services: ``spiffe://<trust-domain>/service/<name>``                    (CN = name)
+
+The control plane is the service ``storefleet-control-plane``, or with several replicas on one
+broker ``storefleet-control-plane-<replica_id>`` each (one MQTT identity per replica: Mosquitto
+makes the certificate's CN the client id, so replicas sharing a name would kick each other off).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -14,6 +19,26 @@ from cryptography import x509
 from protocol.topics import is_valid_device_id
 
 CONTROL_PLANE_SERVICE = "storefleet-control-plane"
+# A replica id becomes part of a certificate name and an MQTT client id / ACL user.
+REPLICA_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+_REPLICA_ID_RE = re.compile(REPLICA_ID_PATTERN)
+
+
+def control_plane_service(replica_id: str | None = None) -> str:
+    """The control plane's service name: shared by a single replica, one per replica otherwise."""
+    if replica_id is None:
+        return CONTROL_PLANE_SERVICE
+    if not _REPLICA_ID_RE.fullmatch(replica_id):
+        raise ValueError(f"invalid replica id {replica_id!r} (expected {REPLICA_ID_PATTERN})")
+    return f"{CONTROL_PLANE_SERVICE}-{replica_id}"
+
+
+def is_control_plane_name(name: str) -> bool:
+    """True for ``storefleet-control-plane`` and ``storefleet-control-plane-<replica_id>``."""
+    if name == CONTROL_PLANE_SERVICE:
+        return True
+    prefix = CONTROL_PLANE_SERVICE + "-"
+    return name.startswith(prefix) and bool(_REPLICA_ID_RE.fullmatch(name[len(prefix) :]))
 
 
 class IdentityKind(StrEnum):
@@ -29,7 +54,8 @@ class CertificateIdentity:
 
     @property
     def is_control_plane(self) -> bool:
-        return self.kind is IdentityKind.SERVICE and self.name == CONTROL_PLANE_SERVICE
+        # Only a service certificate (URI SAN .../service/...) counts, never a device's.
+        return self.kind is IdentityKind.SERVICE and is_control_plane_name(self.name)
 
 
 def device_uri(trust_domain: str, store_id: str, device_id: str) -> str:

@@ -2,9 +2,9 @@
 when it stops or crashes (lease not released: taken over after its time to live), the other
 takes over and finishes the rollout without repeating a step.
 
-The drivers run without a broker: two replicas with the same service certificate would
-kick each other off Mosquitto (client id = certificate name), and leadership is a database
-matter. The devices are offline, so the rollout progresses by skipping them on its clock.
+The drivers run without a broker (leadership is a database matter; full replicas on one
+broker are in test_replicas.py). The devices are offline, so the rollout progresses by
+skipping them on its clock.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class MosquittoProcess:
         host: str = "127.0.0.1",
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         client_id_from_certificate: bool = False,
+        control_plane_replicas: tuple[str, ...] = (),
         crl_file: Path | None = None,
         binary: Path = MOSQUITTO_BINARY,
         startup_timeout: float = 10.0,
@@ -48,6 +49,7 @@ class MosquittoProcess:
         self.host = host
         self.max_message_bytes = max_message_bytes
         self.client_id_from_certificate = client_id_from_certificate
+        self.control_plane_replicas = control_plane_replicas
         self.crl_file = crl_file
         self.binary = binary
         self.startup_timeout = startup_timeout
@@ -95,6 +97,7 @@ class MosquittoProcess:
             run_as_user="root" if os.geteuid() == 0 else None,
             max_message_bytes=self.max_message_bytes,
             client_id_from_certificate=self.client_id_from_certificate,
+            control_plane_replicas=self.control_plane_replicas,
             crl_file=self.crl_file,
         )
         await self._spawn(append_log=False)
