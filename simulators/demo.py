@@ -1,9 +1,11 @@
 """`storefleet demo`: the product end to end on embedded defaults, in under a minute.
 
 Starts the control plane (SQLite, built-in CA, embedded mTLS broker) in a temporary data
-dir, creates 2 stores, enrolls 20 real agents (own keys, CSRs, tokens over HTTPS), lets them
-connect with mTLS and apply their signed configuration, changes one store's configuration,
-shows its devices converge, and prints what an operator would see.
+dir, creates a store template (4 POS, 4 tablets, a kiosk, a back-office PC), provisions 2
+stores from it (the saga issues one enrollment token per role), enrolls 20 real agents (own
+keys, CSRs, tokens over HTTPS) that connect with mTLS and apply their signed, layered
+configuration until both stores are ready, changes one store's configuration, shows its
+devices converge, and prints what an operator would see.
 """
 
 from __future__ import annotations
@@ -44,8 +46,21 @@ STORES: list[dict[str, Any]] = [
         "policies": {"screen_lock_timeout_s": 600, "allowed_apps": ["pos"]},
     },
 ]
-ROLES = ["pos", "pos", "pos", "pos", "tablet", "tablet", "tablet", "tablet", "kiosk", "backoffice"]
-DEVICES_PER_STORE = len(ROLES)
+TEMPLATE: dict[str, Any] = {
+    "id": "standard-demo",
+    "name": "Standard store",
+    "description": "tills, floor tablets, a self-checkout kiosk and the back office",
+    "manifest": {"pos": 4, "tablet": 4, "kiosk": 1, "backoffice": 1},
+    "layer": {"config": {"chain": "ACME Retail"}},
+    "roles": {
+        "pos": {
+            "config": {"pos": {"printer": "receipt-80mm"}},
+            "checks": {"till-app": {"kind": "process", "target": "till"}},
+        },
+        "kiosk": {"config": {"kiosk": {"app": "self-checkout"}}},
+    },
+}
+DEVICES_PER_STORE = sum(TEMPLATE["manifest"].values())
 STEP_TIMEOUT_S = 30.0
 
 
@@ -103,22 +118,23 @@ async def _scenario(control_plane: ControlPlane, console: Console, started: floa
         timeout=30,
         headers={"Authorization": f"Bearer {control_plane.new_admin_key}"},
     ) as api:
+        (await api.post("/v1/templates", json=TEMPLATE)).raise_for_status()
         specs: list[DeviceSpec] = []
         fingerprint = ""
         for store in STORES:
-            (await api.post("/v1/stores", json=store)).raise_for_status()
-            token = (
-                (
-                    await api.post(
-                        f"/v1/stores/{store['id']}/enrollment-tokens", json={"max_uses": DEVICES_PER_STORE}
-                    )
-                )
+            created = (
+                (await api.post("/v1/stores", json={**store, "template_id": TEMPLATE["id"]}))
                 .raise_for_status()
                 .json()
             )
-            fingerprint = token["ca_fingerprint"]
-            specs += [DeviceSpec(token=token["token"], role=role) for role in ROLES]
-        console.print(f"created {len(STORES)} stores and their enrollment tokens")
+            # The provisioning saga issued one token per role of the template (uses = its count).
+            for token in created["enrollment_tokens"]:
+                fingerprint = token["ca_fingerprint"]
+                specs += [DeviceSpec(token=token["token"], role=token["role"])] * token["max_uses"]
+        console.print(
+            f"created template {TEMPLATE['id']!r} and {len(STORES)} stores from it; "
+            "provisioning issued their enrollment tokens"
+        )
 
         with simulator_settings(reconnect_min_s=0.2, reconnect_max_s=2.0) as agent_settings:
             t0 = time.monotonic()
@@ -146,6 +162,15 @@ async def _scenario(control_plane: ControlPlane, console: Console, started: floa
                     f"all {len(specs)} devices connected with mTLS and applied version 1 "
                     f"in {time.monotonic() - t0:.2f}s"
                 )
+
+                async def stores_ready() -> bool:
+                    stores = (await api.get("/v1/stores")).raise_for_status().json()
+                    return all(store["status"] == "ready" for store in stores)
+
+                await _until("both stores to be provisioned (devices configured and healthy)", stores_ready)
+                for store in STORES:
+                    saga = (await api.get(f"/v1/stores/{store['id']}/provisioning")).raise_for_status().json()
+                    console.print(f"{store['id']} is ready: {saga['seconds_to_ready']:.1f}s from creation")
 
                 changed = STORES[0]
                 new_layer = {
@@ -184,7 +209,7 @@ async def _scenario(control_plane: ControlPlane, console: Console, started: floa
 
 def _print_summary(console: Console, stores: list[dict[str, Any]], devices: list[dict[str, Any]]) -> None:
     table = Table(title="Stores")
-    for column in ("store", "name", "time zone", "devices", "in sync", "online", "config revision"):
+    for column in ("store", "name", "time zone", "status", "devices", "in sync", "online", "config revision"):
         table.add_column(column)
     for store in stores:
         mine = [d for d in devices if d["store_id"] == store["id"]]
@@ -192,6 +217,7 @@ def _print_summary(console: Console, stores: list[dict[str, Any]], devices: list
             store["id"],
             store["name"],
             store["timezone"],
+            store["status"],
             str(len(mine)),
             f"{sum(d['in_sync'] for d in mine)}/{len(mine)}",
             f"{sum(d['online'] for d in mine)}/{len(mine)}",

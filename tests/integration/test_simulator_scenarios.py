@@ -203,4 +203,6 @@ async def test_demo_runs_end_to_end_and_prints_the_summary():
     text = output.getvalue()
     assert "demo complete" in text
     assert "applied version 2" in text
+    assert "DE-BER-0001 is ready" in text
+    assert "IN-BLR-0002 is ready" in text
     assert text.count("DE-BER-0001") >= 11  # the store row and its 10 devices
