@@ -13,6 +13,7 @@ from control_plane.pki.files import write_public
 from tests.support.control_plane import RunningControlPlane, running_control_plane
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.postgres import fresh_database
+from tests.support.provisioning import PROBE_REPLICA
 
 
 @contextlib.asynccontextmanager
@@ -28,7 +29,11 @@ async def start_stack(name: str, tmp_path: Path, **overrides: object) -> AsyncIt
     crl_file = data_dir / "pki" / "crl.pem"
     write_public(crl_file, ca.crl_pem([]).encode())  # what `storefleet broker-config` does
     mosquitto = MosquittoProcess(
-        ca, tmp_path / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
+        ca,
+        tmp_path / "mosquitto",
+        client_id_from_certificate=True,
+        crl_file=crl_file,
+        control_plane_replicas=(PROBE_REPLICA,),  # tests/support/provisioning.retained_messages
     )
     async with (
         fresh_database() as database_url,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import aiomqtt
 import pytest
@@ -18,6 +17,7 @@ from tests.conftest import start_stack
 from tests.integration.test_enrollment_api import _csr, _enroll
 from tests.support.agents import EnrolledAgent, enroll_agent, running
 from tests.support.control_plane import RunningControlPlane
+from tests.support.provisioning import retained_messages
 
 pytestmark = pytest.mark.integration
 
@@ -146,22 +146,7 @@ async def test_decommission_clears_retained_state_and_is_final(stack: RunningCon
         assert response.json()["state"] == "decommissioned"
 
     # Nothing retained is left for the device id: a new subscriber gets no desired state.
-    link = stack.control_plane.services.link
-    host, port = stack.settings.broker_endpoint
-    received: list[bytes] = []
-    ctx = link.tls_context()  # the control plane's own identity may read any device topic
-    # On Mosquitto (client id forced to the CN) this probe and the control plane's session take
-    # each other over; a retained message would arrive right after SUBACK, before that happens.
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with aiomqtt.Client(
-            host, port, identifier="storefleet-control-plane-probe", tls_context=ctx
-        ) as probe:
-            await probe.subscribe(device_topic(enrolled.device_id, TopicKind.DESIRED), qos=1)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    async for message in probe.messages:
-                        received.append(bytes(message.payload))  # type: ignore[arg-type]
-    assert received == []
+    assert await retained_messages(stack, [device_topic(enrolled.device_id, TopicKind.DESIRED)]) == {}
 
     again = await stack.api.post(f"/v1/devices/{enrolled.device_id}/reenrollment-tokens", json={})
     assert again.status_code == 409

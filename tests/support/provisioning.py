@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
+import tempfile
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
+from control_plane.pki.ca import BuiltinCA
+from control_plane.pki.identity import CONTROL_PLANE_SERVICE
 from simulators.fleet import DeviceSpec, Fleet, enroll_fleet, simulator_settings
+from tests.support.certs import make_service_credentials
 from tests.support.control_plane import RunningControlPlane
+
+# A control-plane identity of its own for test probes (tests/conftest.py lists it on Mosquitto).
+PROBE_REPLICA = "probe"
+PROBE_IDENTITY = f"{CONTROL_PLANE_SERVICE}-{PROBE_REPLICA}"
 
 TEMPLATE: dict[str, Any] = {
     "id": "compact",
@@ -105,22 +113,22 @@ async def running_fleet(
 async def retained_messages(
     cp: RunningControlPlane, topics: list[str], wait_s: float = 1.0
 ) -> dict[str, bytes]:
-    """What the broker has retained on `topics`, read with the control plane's own identity.
-
-    On Mosquitto (client id forced to the certificate's CN) this probe and the control plane's
-    session take each other over; retained messages arrive right after SUBACK, before that.
-    """
+    """What the broker has retained on `topics`, read by a probe with its own control-plane
+    identity (`storefleet-control-plane-probe`; the test Mosquitto lists it as a replica), so
+    it never takes over the control plane's session and an empty answer means nothing is there."""
     host, port = cp.settings.broker_endpoint
-    context: ssl.SSLContext = cp.control_plane.services.link.tls_context()
+    ca = BuiltinCA.load_or_create(cp.settings.pki_dir, trust_domain=cp.settings.trust_domain)
+    with tempfile.TemporaryDirectory(prefix="probe-") as directory:
+        credentials = make_service_credentials(
+            ca, Path(directory), name=PROBE_IDENTITY, server_ca_file=cp.ca_file
+        )
+        context = credentials.ssl_context()
     received: dict[str, bytes] = {}
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with aiomqtt.Client(
-            host, port, identifier="storefleet-control-plane-probe", tls_context=context
-        ) as probe:
-            await probe.subscribe([(topic, 1) for topic in topics])
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    async for message in probe.messages:
-                        if message.payload:
-                            received[str(message.topic)] = bytes(message.payload)  # type: ignore[arg-type]
+    async with aiomqtt.Client(host, port, identifier=PROBE_IDENTITY, tls_context=context) as probe:
+        await probe.subscribe([(topic, 1) for topic in topics])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                async for message in probe.messages:
+                    if message.payload:
+                        received[str(message.topic)] = bytes(message.payload)  # type: ignore[arg-type]
     return received
