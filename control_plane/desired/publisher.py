@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import desired_states, devices
-from control_plane.desired.assembly import assemble
-from control_plane.desired.layers import SECTIONS, content_hash, effective_state
+from control_plane.desired.assembly import Layer, assemble
+from control_plane.desired.layers import SECTIONS, content_hash, effective_state, merge_patch
 from control_plane.pki.signing_keys import SigningKeyring
 from protocol.signing import KEY_ID_FIELD, SIGNATURE_FIELD, canonical_json, key_id
 from protocol.topics import TopicKind, device_topic
@@ -53,7 +54,34 @@ def _splice(fields: dict[str, bytes]) -> bytes:
     Equal to canonical_json of the document (a unit test holds it to that), at the cost of
     encoding only what differs per device: ten thousand documents share their content.
     """
-    return b"{" + b",".join(_fragment(key) + b":" + fields[key] for key in sorted(fields)) + b"}"
+    return b"{" + b",".join(_key(key) + fields[key] for key in sorted(fields)) + b"}"
+
+
+@functools.cache
+def _key(name: str) -> bytes:
+    return _fragment(name) + b":"
+
+
+class _StackMerger:
+    """`effective_state` of layer stacks, memoised per stack prefix (within one refresh).
+
+    Stacks share their lower layers (every device of a store: template, role, store), so a
+    new stack usually costs one merge on top of a known prefix. Merges never mutate their
+    input, so states may share nested objects.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {(): effective_state()}
+
+    def state(self, layers: Sequence[tuple[str, Layer]]) -> dict[str, dict[str, Any]]:
+        stack = tuple(source for source, _ in layers)
+        found = self._states.get(stack)
+        if found is None:
+            below = self.state(layers[:-1])
+            layer = layers[-1][1]
+            found = {section: merge_patch(below[section], layer.get(section) or {}) for section in SECTIONS}
+            self._states[stack] = found
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +97,17 @@ class _Issued:
     digest: str
     document: dict[str, Any]
     payload: bytes  # canonical JSON of the signed document, as published
+
+
+class _EncodedJSON(sa.types.TypeDecorator[str]):
+    """A JSON column's value handed over already encoded: the document's published JSON is
+    stored as it is, not encoded a second time."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect: sa.Dialect) -> None:
+        return None
 
 
 class Publisher(Protocol):
@@ -178,12 +217,13 @@ class DesiredStatePublisher:
             # Devices with the same layer stack (a source names one layer's content within this
             # read) share their merged content: merge, hash and encode it once per stack.
             contents: dict[tuple[str, ...], _Content] = {}
+            merger = _StackMerger()
             issued: list[_Issued] = []
             for item in assembled:
                 stack = tuple(source for source, _ in item.layers)
                 content = contents.get(stack)
                 if content is None:
-                    state = effective_state(*(layer for _, layer in item.layers))
+                    state = merger.state(item.layers)
                     content = contents[stack] = _Content(
                         state,
                         # The trusted keys are content too: a rotation must reach every device.
@@ -230,12 +270,12 @@ class DesiredStatePublisher:
                 ],
             )
             await conn.execute(
-                desired_states.insert(),
+                desired_states.insert().values(document=sa.bindparam("encoded", type_=_EncodedJSON())),
                 [
                     {
                         "device_id": d.device_id,
                         "version": d.document["version"],
-                        "document": d.document,
+                        "encoded": d.payload.decode(),
                         "created_at": now,
                     }
                     for d in issued
