@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import desired_states, devices
 from control_plane.desired.assembly import Layer, assemble
-from control_plane.desired.layers import SECTIONS, content_hash, effective_state, merge_patch
+from control_plane.desired.layers import SECTIONS, effective_state, merge_patch
 from control_plane.pki.signing_keys import SigningKeyring
 from protocol.signing import KEY_ID_FIELD, SIGNATURE_FIELD, canonical_json, key_id
 from protocol.topics import TopicKind, device_topic
@@ -55,6 +56,10 @@ def _splice(fields: dict[str, bytes]) -> bytes:
     encoding only what differs per device: ten thousand documents share their content.
     """
     return b"{" + b",".join(_key(key) + fields[key] for key in sorted(fields)) + b"}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @functools.cache
@@ -224,12 +229,11 @@ class DesiredStatePublisher:
                 content = contents.get(stack)
                 if content is None:
                     state = merger.state(item.layers)
-                    content = contents[stack] = _Content(
-                        state,
-                        # The trusted keys are content too: a rotation must reach every device.
-                        content_hash({**state, "signing_keys": trusted}),
-                        {section: _fragment(state[section]) for section in SECTIONS},
-                    )
+                    fragments = {section: _fragment(state[section]) for section in SECTIONS}
+                    # content_hash({**state, "signing_keys": trusted}), from the same fragments.
+                    # The trusted keys are content too: a rotation must reach every device.
+                    digest = _sha256(_splice({**fragments, "signing_keys": shared["signing_keys"]}))
+                    content = contents[stack] = _Content(state, digest, fragments)
                 if content.digest == item.desired_hash:
                     continue
                 version = item.desired_version + 1
@@ -238,7 +242,7 @@ class DesiredStatePublisher:
                     **content.fragments,
                     "device_id": _fragment(item.device_id),
                     "store_id": _fragment(item.store_id),
-                    "version": _fragment(version),
+                    "version": str(version).encode(),  # an int's canonical JSON
                 }
                 # Byte for byte what sign_document signs (canonical JSON without `sig`).
                 signature = private_key.sign(_splice(fields), ec.ECDSA(hashes.SHA256()))

@@ -1,6 +1,7 @@
 """The publisher splices a document's canonical JSON from fragments: it must be byte-identical."""
 
-from control_plane.desired.publisher import _fragment, _splice
+from control_plane.desired.layers import content_hash
+from control_plane.desired.publisher import _fragment, _sha256, _splice
 from protocol.signing import canonical_json
 
 
@@ -19,3 +20,9 @@ def test_spliced_document_is_byte_identical_to_canonical_json():
         "sig": "abc_-",
     }
     assert _splice({key: _fragment(value) for key, value in document.items()}) == canonical_json(document)
+
+
+def test_content_hash_from_fragments_equals_content_hash():
+    content = {"config": {"a": {"é": 1}}, "policies": {"x": [1]}, "checks": {}, "signing_keys": {"k": "p"}}
+    fragments = {key: _fragment(value) for key, value in content.items()}
+    assert _sha256(_splice(fragments)) == content_hash(content)
