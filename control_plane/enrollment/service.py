@@ -360,6 +360,9 @@ class EnrollmentService:
                 agent_version=info.agent_version,
                 hostname=info.hostname,
                 os=info.os,
+                # A re-enrolled device may have lost its state (and its health sequence):
+                # its next report starts the sequence again.
+                health_seq=None,
             )
         )
         return superseded
