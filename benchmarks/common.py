@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from simulators.provision import percentile  # noqa: F401 (one percentile for the simulator and benchmarks)
+from simulators.report import percentile  # noqa: F401 (one percentile for the simulator and benchmarks)
 from tests.support.ports import free_port
 
 
@@ -54,10 +54,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def control_plane_process(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """`storefleet serve` in a temporary data dir, in its own process; stopped with SIGTERM."""
+def control_plane_process(
+    *extra_args: str, env: dict[str, str] | None = None, data_dir: Path | None = None
+) -> Iterator[ServerProcess]:
+    """`storefleet serve` in `data_dir` (default: a temporary one), in its own process; stopped
+    with SIGTERM."""
     with tempfile.TemporaryDirectory(prefix="storefleet-bench-") as tmp:
-        data = Path(tmp) / "data"
+        data = data_dir or Path(tmp) / "data"
         port, mqtt_port = free_port(), free_port()
         admin_key = "sfk_benchmark-" + os.urandom(16).hex()
         process = subprocess.Popen(  # noqa: S603 - our own console script, fixed arguments
@@ -172,3 +175,69 @@ def make_keys_and_csrs(count: int) -> list[tuple[str, str]]:
         ).decode()
         pairs.append((key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()))
     return pairs
+
+
+@contextlib.asynccontextmanager
+async def simulator_target(*, postgres: bool, mosquitto: bool, **overrides: Any) -> AsyncIterator[Any]:
+    """A control plane in this process (its event loop is the simulator driver's; the agents run
+    in `--procs` worker processes) on SQLite + amqtt, or PostgreSQL and/or Mosquitto; yields
+    a `simulators.scenarios.Target` whose storm restarts Mosquitto or drops device connections."""
+    from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.files import write_public
+    from control_plane.settings import ControlPlaneSettings
+    from simulators.scenarios import Target
+    from tests.support.control_plane import ADMIN_KEY, running_control_plane
+    from tests.support.mosquitto import MosquittoProcess
+    from tests.support.postgres import fresh_database
+
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-")))
+        data_dir = tmp / "control-plane"
+        defaults = ControlPlaneSettings.model_fields
+        settings: dict[str, Any] = {
+            "ingest_flush_interval_s": defaults["ingest_flush_interval_s"].default,
+            "enroll_rate_per_source_s": 1_000_000.0,
+            "enroll_burst_per_source": 1_000_000,
+            **overrides,
+        }
+        processes = {"control_plane_and_driver": psutil.Process()}
+        broker: Any = None
+        if postgres:
+            settings["database_url"] = await stack.enter_async_context(fresh_database())
+        if mosquitto:
+            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
+            crl_file = data_dir / "pki" / "crl.pem"
+            write_public(crl_file, ca.crl_pem([]).encode())
+            broker = MosquittoProcess(
+                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
+            )
+            host, port = await stack.enter_async_context(broker)
+            settings["broker_url"] = f"mqtts://{host}:{port}"
+            settings["broker_log_file"] = broker.log_file
+            processes["mosquitto"] = psutil.Process(broker._process.pid)
+        cp = await stack.enter_async_context(running_control_plane(data_dir, **settings))
+
+        async def storm(device_ids: list[str], downtime_s: float) -> str:
+            if broker is not None:
+                await broker._stop()
+                await asyncio.sleep(downtime_s)
+                await broker._spawn(append_log=True)
+                processes["mosquitto"] = psutil.Process(broker._process.pid)
+                return f"Mosquitto restarted after {downtime_s} s down"
+            embedded = cp.control_plane.broker
+            assert embedded is not None
+            dropped = await asyncio.gather(*(embedded.disconnect(d) for d in device_ids))
+            return f"the embedded broker dropped {sum(dropped)} device connections at once"
+
+        backend = ("PostgreSQL" if postgres else "SQLite") + (
+            ", Mosquitto" if mosquitto else ", embedded amqtt"
+        )
+        yield Target(
+            cp.base_url,
+            ADMIN_KEY,
+            cp.ca_file,
+            f"in the driver process ({backend})",
+            storm=storm,
+            processes=processes,
+            in_process=True,
+        )
