@@ -160,7 +160,7 @@ class ControlPlane:
         )
 
         audit = AuditLog(engine)
-        api_keys = ApiKeys(engine)
+        api_keys = ApiKeys(engine, cache_ttl=s.api_key_cache_s)
         given = s.admin_key.get_secret_value() if s.admin_key else None
         self.new_admin_key = await api_keys.ensure_admin(s.data_dir, given)
 
