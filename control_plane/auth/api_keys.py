@@ -52,11 +52,13 @@ class ApiKeys:
         self,
         engine: AsyncEngine,
         *,
+        read_engine: AsyncEngine | None = None,
         clock: Clock = utc_now,
         cache_ttl: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
+        self._read_engine = read_engine or engine
         self._clock = clock
         self._cache_ttl = cache_ttl
         self._monotonic = monotonic
@@ -118,7 +120,7 @@ class ApiKeys:
         self._loading = asyncio.get_running_loop().create_future()
         try:
             started = self._monotonic()
-            async with self._engine.connect() as conn:
+            async with self._read_engine.connect() as conn:
                 rows = (
                     await conn.execute(
                         sa.select(api_keys.c.id, api_keys.c.name, api_keys.c.role, api_keys.c.key_hash)

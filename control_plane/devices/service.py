@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -138,16 +138,12 @@ class DeviceService:
             for device_id, tag in tagged:
                 tags[device_id].append(tag)
         groups = await group_ids_for(conn, ids)
-        return [
-            self._view(row._mapping).model_copy(
-                update={"tags": tags[row.id], "groups": groups.get(row.id, [])}
-            )
-            for row in rows
-        ]
+        fresh_after = self._clock() - self._offline_after
+        return [self._view(row._mapping, tags[row.id], groups.get(row.id, []), fresh_after) for row in rows]
 
-    def _view(self, row: Any) -> DeviceView:
+    def _view(self, row: Any, tags: list[str], groups: list[str], fresh_after: datetime) -> DeviceView:
         last_seen = row["last_seen_at"]
-        fresh = last_seen is not None and last_seen >= self._clock() - self._offline_after
+        fresh = last_seen is not None and last_seen >= fresh_after
         return DeviceView(
             id=row["id"],
             store_id=row["store_id"],
@@ -175,4 +171,6 @@ class DeviceService:
             health_dropped=row["health_dropped"],
             cert_serial=row["cert_serial"],
             cert_not_after=row["cert_not_after"],
+            tags=tags,
+            groups=groups,
         )

@@ -27,9 +27,11 @@ class StoreService:
         engine: AsyncEngine,
         publisher: DesiredStatePublisher,
         audit: AuditLog,
+        read_engine: AsyncEngine | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
+        self._read_engine = read_engine or engine
         self._publisher = publisher
         self._audit = audit
         self._clock = clock
@@ -114,7 +116,7 @@ class StoreService:
     async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:
         device_count = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
         query = sa.select(stores, device_count.label("device_count")).where(where).order_by(stores.c.id)
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_view(row._mapping) for row in rows]
 
