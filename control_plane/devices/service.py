@@ -23,6 +23,10 @@ from control_plane.devices.pagination import after, decode_cursor, encode_cursor
 from control_plane.errors import NotFound
 from control_plane.groups.membership import among_ids, group_ids_for
 
+# Built once: SQLAlchemy memoizes a statement's cache key on the object, and building and
+# keying a select again on every request cost ~0.1 ms each.
+_DEVICE_BY_ID = sa.select(devices).where(devices.c.id == sa.bindparam("device_id"))
+
 
 class DeviceService:
     def __init__(self, *, engine: AsyncEngine, offline_after: timedelta, clock: Clock = utc_now) -> None:
@@ -32,7 +36,7 @@ class DeviceService:
 
     async def get(self, device_id: str) -> DeviceView:
         async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(devices).where(devices.c.id == device_id))).first()
+            row = (await conn.execute(_DEVICE_BY_ID, {"device_id": device_id})).first()
             if row is None:
                 raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
             return (await self._views(conn, [row]))[0]

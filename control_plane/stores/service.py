@@ -20,6 +20,13 @@ from control_plane.stores.models import StoreConfig, StoreCreate, StoreView
 logger = logging.getLogger(__name__)
 
 
+_DEVICE_COUNT = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
+_STORES = sa.select(stores, _DEVICE_COUNT.label("device_count")).order_by(stores.c.id)
+# Built once: SQLAlchemy memoizes a statement's cache key on the object (rebuilding this
+# select and its key cost ~0.2 ms a request).
+_STORE_BY_ID = _STORES.where(stores.c.id == sa.bindparam("store_id"))
+
+
 class StoreService:
     def __init__(
         self,
@@ -61,13 +68,13 @@ class StoreService:
         return await self.get(spec.id)
 
     async def get(self, store_id: str) -> StoreView:
-        views = await self._select(stores.c.id == store_id)
+        views = await self._select(_STORE_BY_ID, {"store_id": store_id})
         if not views:
             raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
         return views[0]
 
     async def list_stores(self) -> list[StoreView]:
-        return await self._select(sa.true())
+        return await self._select(_STORES)
 
     async def set_config(
         self, store_id: str, layer: StoreConfig, *, actor: str, expected_revision: int | None = None
@@ -113,11 +120,9 @@ class StoreService:
             self._publisher.request_refresh(stores=[store_id])
         return await self.get(store_id)
 
-    async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:
-        device_count = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
-        query = sa.select(stores, device_count.label("device_count")).where(where).order_by(stores.c.id)
+    async def _select(self, query: sa.Select[Any], params: dict[str, Any] | None = None) -> list[StoreView]:
         async with self._read_engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query, params)).all()
         return [_view(row._mapping) for row in rows]
 
 
