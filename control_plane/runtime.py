@@ -29,7 +29,7 @@ from control_plane.broker.embedded import EmbeddedBroker
 from control_plane.broker.mosquitto_log import MosquittoLogWatcher
 from control_plane.certificates.renewal import RenewalService
 from control_plane.commands.service import UPLOAD_KEY_FILE, CommandService, load_or_create_upload_key
-from control_plane.db.engine import create_engine, migrate
+from control_plane.db.engine import create_engine, create_read_engine, migrate
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.desired.service import ConfigService
 from control_plane.devices.lifecycle import DeviceLifecycle
@@ -69,6 +69,7 @@ SERVICE_CERT_VALIDITY = timedelta(days=30)
 @dataclass
 class Services:
     engine: AsyncEngine
+    read_engine: AsyncEngine  # read-only API paths; `engine` itself except on SQLite
     audit: AuditLog
     api_keys: ApiKeys
     stores: StoreService
@@ -150,6 +151,7 @@ class ControlPlane:
         s.data_dir.chmod(0o700)
         engine = create_engine(s.resolved_database_url)
         await migrate(engine)
+        read_engine = create_read_engine(s.resolved_database_url, engine)
 
         pki = await asyncio.to_thread(open_pki, s)  # key generation, Vault: off the loop
         ca = pki.local
@@ -168,7 +170,7 @@ class ControlPlane:
         )
 
         audit = AuditLog(engine)
-        api_keys = ApiKeys(engine)
+        api_keys = ApiKeys(engine, read_engine=read_engine, cache_ttl=s.api_key_cache_s)
         given = s.admin_key.get_secret_value() if s.admin_key else None
         self.new_admin_key = await api_keys.ensure_admin(s.data_dir, given)
 
@@ -280,11 +282,18 @@ class ControlPlane:
         enrollment.on_enrolled = lambda _store_id: provisioning_worker.wake()
         self._services = Services(
             engine=engine,
+            read_engine=read_engine,
             audit=audit,
             api_keys=api_keys,
-            stores=StoreService(engine=engine, publisher=publisher, audit=audit, provisioning=provisioning),
+            stores=StoreService(
+                engine=engine,
+                read_engine=read_engine,
+                publisher=publisher,
+                audit=audit,
+                provisioning=provisioning,
+            ),
             enrollment=enrollment,
-            devices=DeviceService(engine=engine, offline_after=offline_after),
+            devices=DeviceService(engine=read_engine, offline_after=offline_after),
             publisher=publisher,
             ingest=ingest,
             link=link,
@@ -313,6 +322,8 @@ class ControlPlane:
         if self._services is not None:
             await self._services.audit.flush()
             await self._services.engine.dispose()
+            if self._services.read_engine is not self._services.engine:
+                await self._services.read_engine.dispose()
             self._services.ca.close()
             self._services = None
 

@@ -52,6 +52,9 @@ class ControlPlaneSettings(BaseSettings):
     health_retention_batch: int = Field(default=5000, gt=0)
     # An external Mosquitto's log file: its TLS refusals are copied into the audit log.
     broker_log_file: Path | None = None
+    # Operator API keys are checked against an in-memory snapshot at most this old: a key
+    # deleted or replaced in the database stops working within it (a new key works at once).
+    api_key_cache_s: float = Field(default=5.0, ge=0)
     # /v1/enroll token bucket per client address.
     enroll_rate_per_source_s: float = Field(default=20.0, gt=0)
     enroll_burst_per_source: int = Field(default=200, ge=1)

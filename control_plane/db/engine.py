@@ -40,6 +40,38 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+SQLITE_READERS = 4
+
+
+def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
+    """The engine for the operator API's read-only paths (inventory, stores, API keys).
+
+    SQLite: a small pool of its own, read-only connections. Every statement on the single
+    writer connection is several hops to its aiosqlite thread, and the API's reads queued
+    behind each other and behind the writes on it; WAL lets readers run beside the writer and
+    each other, each on its own thread, and a read sees everything committed before it
+    began. Other databases: the same engine (its pool already has many connections).
+    """
+    if not url.startswith("sqlite"):
+        return engine
+    readers = create_async_engine(
+        url,
+        connect_args={"timeout": 30},
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=SQLITE_READERS,
+        max_overflow=0,
+        pool_timeout=60,
+    )
+
+    @event.listens_for(readers.sync_engine, "connect")
+    def _read_only(dbapi_connection: object, _record: object) -> None:
+        cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA query_only=ON")  # a write here would be a bug: refuse it
+        cursor.close()
+
+    return readers
+
+
 def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +23,10 @@ from control_plane.devices.pagination import after, decode_cursor, encode_cursor
 from control_plane.errors import NotFound
 from control_plane.groups.membership import among_ids, group_ids_for
 
+# Built once: SQLAlchemy memoizes a statement's cache key on the object, and building and
+# keying a select again on every request cost ~0.1 ms each.
+_DEVICE_BY_ID = sa.select(devices).where(devices.c.id == sa.bindparam("device_id"))
+
 
 class DeviceService:
     def __init__(self, *, engine: AsyncEngine, offline_after: timedelta, clock: Clock = utc_now) -> None:
@@ -32,7 +36,7 @@ class DeviceService:
 
     async def get(self, device_id: str) -> DeviceView:
         async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(devices).where(devices.c.id == device_id))).first()
+            row = (await conn.execute(_DEVICE_BY_ID, {"device_id": device_id})).first()
             if row is None:
                 raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
             return (await self._views(conn, [row]))[0]
@@ -138,16 +142,12 @@ class DeviceService:
             for device_id, tag in tagged:
                 tags[device_id].append(tag)
         groups = await group_ids_for(conn, ids)
-        return [
-            self._view(row._mapping).model_copy(
-                update={"tags": tags[row.id], "groups": groups.get(row.id, [])}
-            )
-            for row in rows
-        ]
+        fresh_after = self._clock() - self._offline_after
+        return [self._view(row._mapping, tags[row.id], groups.get(row.id, []), fresh_after) for row in rows]
 
-    def _view(self, row: Any) -> DeviceView:
+    def _view(self, row: Any, tags: list[str], groups: list[str], fresh_after: datetime) -> DeviceView:
         last_seen = row["last_seen_at"]
-        fresh = last_seen is not None and last_seen >= self._clock() - self._offline_after
+        fresh = last_seen is not None and last_seen >= fresh_after
         return DeviceView(
             id=row["id"],
             store_id=row["store_id"],
@@ -175,4 +175,6 @@ class DeviceService:
             health_dropped=row["health_dropped"],
             cert_serial=row["cert_serial"],
             cert_not_after=row["cert_not_after"],
+            tags=tags,
+            groups=groups,
         )

@@ -37,6 +37,12 @@ DYNAMIC_CHUNK = 500
 ARRAY_CHUNK = 10_000
 
 
+# Built once (its cache key is memoized on the object): every device view runs it.
+_ALL_GROUPS = sa.select(
+    groups.c.id, groups.c.kind, groups.c.priority, groups.c.layer, groups.c.selector
+).order_by(groups.c.priority, groups.c.id)
+
+
 @dataclass(frozen=True, slots=True)
 class GroupLayer:
     group_id: str
@@ -98,11 +104,7 @@ async def _memberships(
     found: dict[str, set[str]] = defaultdict(set)
     if not ids:
         return [], found
-    rows = await conn.execute(
-        sa.select(groups.c.id, groups.c.kind, groups.c.priority, groups.c.layer, groups.c.selector).order_by(
-            groups.c.priority, groups.c.id
-        )
-    )
+    rows = await conn.execute(_ALL_GROUPS)
     all_groups = [
         _Group(id=r.id, priority=r.priority, layer=r.layer, selector=stored_selector(r.kind, r.selector))
         for r in rows

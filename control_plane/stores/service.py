@@ -24,6 +24,17 @@ from control_plane.templates.service import resolve_version
 logger = logging.getLogger(__name__)
 
 
+_DEVICE_COUNT = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
+_STORES = (
+    sa.select(stores, _DEVICE_COUNT.label("device_count"), store_provisioning.c.ready_at)
+    .outerjoin(store_provisioning, store_provisioning.c.store_id == stores.c.id)
+    .order_by(stores.c.id)
+)
+# Built once: SQLAlchemy memoizes a statement's cache key on the object (rebuilding this
+# select and its key cost ~0.2 ms a request).
+_STORE_BY_ID = _STORES.where(stores.c.id == sa.bindparam("store_id"))
+
+
 class StoreService:
     def __init__(
         self,
@@ -32,9 +43,11 @@ class StoreService:
         publisher: DesiredStatePublisher,
         audit: AuditLog,
         provisioning: ProvisioningService | None = None,
+        read_engine: AsyncEngine | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
+        self._read_engine = read_engine or engine
         self._publisher = publisher
         self._audit = audit
         self._provisioning = provisioning
@@ -110,13 +123,13 @@ class StoreService:
         )
 
     async def get(self, store_id: str) -> StoreView:
-        views = await self._select(stores.c.id == store_id)
+        views = await self._select(_STORE_BY_ID, {"store_id": store_id})
         if not views:
             raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
         return views[0]
 
     async def list_stores(self) -> list[StoreView]:
-        return await self._select(sa.true())
+        return await self._select(_STORES)
 
     async def set_config(
         self, store_id: str, layer: StoreConfig, *, actor: str, expected_revision: int | None = None
@@ -162,16 +175,9 @@ class StoreService:
             self._publisher.request_refresh(stores=[store_id])
         return await self.get(store_id)
 
-    async def _select(self, where: sa.ColumnElement[bool]) -> list[StoreView]:
-        device_count = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
-        query = (
-            sa.select(stores, device_count.label("device_count"), store_provisioning.c.ready_at)
-            .outerjoin(store_provisioning, store_provisioning.c.store_id == stores.c.id)
-            .where(where)
-            .order_by(stores.c.id)
-        )
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+    async def _select(self, query: sa.Select[Any], params: dict[str, Any] | None = None) -> list[StoreView]:
+        async with self._read_engine.connect() as conn:
+            rows = (await conn.execute(query, params)).all()
         return [_view(row._mapping) for row in rows]
 
 
