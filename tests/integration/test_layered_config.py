@@ -130,7 +130,8 @@ async def test_new_version_only_when_the_effective_config_changes(stack: Running
     await stack.create_store("S1", config={"a": 1})
     enrolled = await enroll_agent(stack, "S1", tmp_path / "agent")
     path = f"/v1/devices/{enrolled.device_id}/overrides"
-    assert (await stack.device(enrolled.device_id))["desired_version"] == 1
+    # The first version is issued just after enrollment (the publisher's worker).
+    await stack.wait_for_device(enrolled.device_id, lambda d: d["desired_version"] == 1)
 
     # Overrides that restate what the store already says: nothing new to send.
     assert (await stack.api.put(path, json={"config": {"a": 1}})).status_code == 200
