@@ -157,6 +157,23 @@ class DesiredStatePublisher:
         """Every active device (a platform-wide change such as a signing-key rotation)."""
         return await self._refresh(sa.true())
 
+    async def refresh_now_or_later(
+        self, device_ids: Iterable[str] = (), *, stores: Iterable[str] = (), everyone: bool = False
+    ) -> None:
+        """Issue what an operator's committed change calls for now (its answer then shows the
+        new versions); if that fails, leave it to `run()`: the change must not look failed."""
+        ids, store_ids = list(device_ids), list(stores)
+        try:
+            if everyone:
+                await self.refresh_all()
+            for store_id in store_ids:
+                await self.refresh_store(store_id)
+            if ids:
+                await self.refresh_devices(ids)
+        except Exception:
+            logger.exception("issuing desired state failed; the publisher's worker retries")
+            self.request_refresh(ids, stores=store_ids, everyone=everyone)
+
     def request_refresh(
         self, device_ids: Iterable[str] = (), *, stores: Iterable[str] = (), everyone: bool = False
     ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,13 +12,11 @@ from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import devices
 from control_plane.desired.assembly import assemble
-from control_plane.desired.layers import ConfigLayer, effective_state_with_provenance
+from control_plane.desired.layers import SECTIONS, ConfigLayer, effective_state_with_provenance
 from control_plane.desired.models import EffectiveConfig, LayerSource, OverridesView, SigningKeyView
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.errors import Conflict, NotFound, PreconditionFailed
 from control_plane.pki.signing_keys import SigningKeyring
-
-logger = logging.getLogger(__name__)
 
 
 class ConfigService:
@@ -91,11 +88,7 @@ class ConfigService:
                 ),
                 connection=conn,
             )
-        try:
-            await self._publisher.refresh_devices([device_id])
-        except Exception:
-            logger.exception("issuing desired state for device %s failed; queued for retry", device_id)
-            self._publisher.request_refresh([device_id])
+        await self._publisher.refresh_now_or_later([device_id])
         return await self.get_overrides(device_id)
 
     # --- effective configuration -------------------------------------------------------
@@ -181,11 +174,7 @@ class ConfigService:
         await self._distribute_trusted_keys()
 
     async def _distribute_trusted_keys(self) -> None:
-        try:
-            await self._publisher.refresh_all()
-        except Exception:
-            logger.exception("issuing desired states with the new trusted keys failed; queued for retry")
-            self._publisher.request_refresh(everyone=True)
+        await self._publisher.refresh_now_or_later(everyone=True)
 
     async def _devices_out_of_sync(self) -> int:
         async with self._engine.connect() as conn:
@@ -198,4 +187,4 @@ class ConfigService:
 
 
 def _sections(layer: dict[str, Any]) -> dict[str, Any]:
-    return {section: layer.get(section) or {} for section in ("config", "policies", "checks")}
+    return {section: layer.get(section) or {} for section in SECTIONS}

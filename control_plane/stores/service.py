@@ -3,7 +3,6 @@ store's configuration layer."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,9 +19,6 @@ from control_plane.errors import Conflict, NotFound, PreconditionFailed
 from control_plane.provisioning.service import ProvisioningService
 from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StoreView
 from control_plane.templates.service import resolve_version
-
-logger = logging.getLogger(__name__)
-
 
 _DEVICE_COUNT = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
 _STORES = (
@@ -166,13 +162,7 @@ class StoreService:
                 AuditEvent(action="store.set_config", outcome=Outcome.SUCCESS, actor=actor, target=store_id),
                 connection=conn,
             )
-        try:
-            await self._publisher.refresh_store(store_id)
-        except Exception:
-            # The new layer is committed; the operator's change must not look failed. The
-            # publisher's worker issues the versions as soon as it can.
-            logger.exception("issuing desired state for store %s failed; queued for retry", store_id)
-            self._publisher.request_refresh(stores=[store_id])
+        await self._publisher.refresh_now_or_later(stores=[store_id])
         return await self.get(store_id)
 
     async def _select(self, query: sa.Select[Any], params: dict[str, Any] | None = None) -> list[StoreView]:

@@ -34,6 +34,7 @@ from protocol.topics import TopicKind, device_topic, parse_topic
 from tests.conftest import start_stack
 from tests.support.agents import EnrolledAgent, enroll_agent
 from tests.support.control_plane import RunningControlPlane
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -88,14 +89,6 @@ def record_statuses(cp: RunningControlPlane, monkeypatch: pytest.MonkeyPatch, de
 
     monkeypatch.setattr(link, "_on_message", spy)
     return seen
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("stack_name", STACKS)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from tests.support.certs import ClientCredentials, make_device_credentials, make
 from tests.support.control_plane import RunningControlPlane, running_control_plane
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.postgres import fresh_database
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.mosquitto, pytest.mark.postgres]
 
@@ -49,14 +49,6 @@ FAST: dict[str, Any] = {
     "renewal_min_interval_s": 0,
 }
 STORE = "NL-AMS-0001"
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def _client(host: str, port: int, credentials: ClientCredentials, client_id: str) -> aiomqtt.Client:
