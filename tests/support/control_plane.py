@@ -15,6 +15,7 @@ import httpx
 from control_plane.runtime import ControlPlane
 from control_plane.settings import ControlPlaneSettings
 from tests.support.ports import free_port
+from tests.support.waiting import finish_within
 
 ADMIN_KEY = "sfk_test-admin-key-0123456789abcdef0123456789"
 
@@ -93,8 +94,8 @@ async def running_control_plane(data_dir: Path, **overrides: Any) -> AsyncIterat
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await control_plane.close()
+            await finish_within(task, 60, "control plane shutdown")
+        await finish_within(control_plane.close(), 30, "closing the control plane")
 
 
 async def _ready_or_crash(control_plane: ControlPlane, task: asyncio.Task[None]) -> None:

@@ -27,6 +27,6 @@ async def fresh_database() -> AsyncIterator[str]:
     finally:
         admin = await asyncpg.connect(ADMIN_DSN)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=60)
         finally:
             await admin.close()
