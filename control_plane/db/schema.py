@@ -301,6 +301,7 @@ commands = sa.Table(
     # collect_logs: where the uploaded archive is kept, and its size
     sa.Column("artifact_path", sa.String(500), nullable=True),
     sa.Column("artifact_bytes", sa.BigInteger, nullable=True),
+    sa.Column("artifact_sha256", sa.String(64), nullable=True),  # of the stored file (migration 0005)
 )
 
 # --- releases and rollouts (migration 0004) ----------------------------------------------
@@ -331,6 +332,9 @@ rollouts = sa.Table(
     sa.Column("wave_started_at", UTCDateTime, nullable=True),
     # Failures an operator accepted by resuming after a pause: the threshold counts from here.
     sa.Column("failures_accepted", sa.Integer, nullable=False, server_default="0"),
+    # The wave through which an operator resumed a rollout that had paused for lack of evidence
+    # (every device so far skipped): it may advance past them without (migration 0005).
+    sa.Column("evidence_waived_wave", sa.Integer, nullable=True),
     # Orders release layers on a device that is in several rollouts (higher applies later).
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("start_at", UTCDateTime, nullable=True),
