@@ -63,6 +63,8 @@ from agent.renewal import Renewer
 from agent.settings import AgentSettings
 from agent.state import AgentState
 from agent.tls import pinned_server_context
+from protocol.digest import HEADER as DIGEST_HEADER
+from protocol.digest import content_digest
 from protocol.errors import ProtocolError, UnknownSigningKey
 from protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -393,7 +395,11 @@ class CommandRunner:
         except StateError as exc:
             raise CommandFailed(str(exc), code="upload_failed") from exc
         timeout = aiohttp.ClientTimeout(total=self._settings.http_timeout_s)
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"}
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/gzip",
+            DIGEST_HEADER: content_digest(archive),  # the control plane refuses a damaged archive
+        }
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,

@@ -76,6 +76,7 @@ class CommandCreate(BaseModel):
 
 class ArtifactView(BaseModel):
     bytes: int
+    sha256: str | None  # verified against the device's Content-Digest on upload
     download_url: str
 
 

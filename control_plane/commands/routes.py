@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from control_plane.api.deps import OperatorDep, ServicesDep, client_address
 from control_plane.commands.models import CommandCreate, CommandView
 from control_plane.errors import InvalidInput
+from protocol.digest import HEADER, sha256_content_digest
 
 device_commands_router = APIRouter(prefix="/v1/devices", tags=["commands"])
 router = APIRouter(prefix="/v1/commands", tags=["commands"])
@@ -49,7 +50,8 @@ async def list_device_commands(
 async def upload_artifact(
     device_id: str, command_id: str, request: Request, services: ServicesDep
 ) -> CommandView:
-    """The agent uploads the collect_logs archive (gzip'd tar), once, before the command expires."""
+    """The agent uploads the collect_logs archive (gzip'd tar), once, before the command expires,
+    with its `Content-Digest`."""
     declared = request.headers.get("content-length")
     try:
         declared_bytes = int(declared) if declared is not None else None
@@ -62,6 +64,7 @@ async def upload_artifact(
         token=token.strip() if scheme.lower() == "bearer" else None,
         body=request.stream(),
         declared_bytes=declared_bytes,
+        content_digest=request.headers.get(HEADER),
         source=client_address(request),
     )
 
@@ -74,5 +77,7 @@ async def get_command(command_id: str, services: ServicesDep, _operator: Operato
 @router.get("/{command_id}/artifact", response_class=FileResponse)
 async def download_artifact(command_id: str, services: ServicesDep, _operator: OperatorDep) -> FileResponse:
     """The log archive a device uploaded for a collect_logs command."""
-    path = await services.commands.artifact_file(command_id)
-    return FileResponse(path, media_type="application/gzip", filename=f"{command_id}.tar.gz")
+    path, artifact = await services.commands.artifact_file(command_id)
+    # The digest the upload was verified against, so the download can be checked the same way.
+    headers = {HEADER: sha256_content_digest(artifact.sha256)} if artifact.sha256 else None
+    return FileResponse(path, media_type="application/gzip", filename=f"{command_id}.tar.gz", headers=headers)

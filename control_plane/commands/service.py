@@ -51,6 +51,7 @@ from control_plane.desired.publisher import Publisher
 from control_plane.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, PayloadTooLarge
 from control_plane.pki.files import write_private
 from control_plane.pki.signing_keys import SigningKeyring
+from protocol.digest import declared_sha256
 from protocol.messages import CommandName, CommandResult, CommandStatus
 from protocol.signing import canonical_json, sign_document
 from protocol.topics import TopicKind, device_topic
@@ -226,17 +227,21 @@ class CommandService:
             )
             return [self._view(row) for row in rows]
 
-    async def artifact_file(self, command_id: str) -> Path:
+    async def artifact_file(self, command_id: str) -> tuple[Path, ArtifactView]:
         view = await self.get(command_id)
         path = self._artifact_path(command_id)
         if view.artifact is None or not path.is_file():
             raise NotFound(f"command {command_id!r} has no uploaded artifact", code="artifact_not_found")
-        return path
+        return path, view.artifact
 
     def _view(self, row: Row[Any]) -> CommandView:
         artifact = None
         if row.artifact_path is not None and row.artifact_bytes is not None:
-            artifact = ArtifactView(bytes=row.artifact_bytes, download_url=f"/v1/commands/{row.id}/artifact")
+            artifact = ArtifactView(
+                bytes=row.artifact_bytes,
+                sha256=row.artifact_sha256,
+                download_url=f"/v1/commands/{row.id}/artifact",
+            )
         return CommandView(
             id=row.id,
             device_id=row.device_id,
@@ -354,6 +359,21 @@ class CommandService:
             if row.status not in (*OPEN, EXPIRED):
                 self.duplicate_results += 1  # a repeat of an answer we have
                 return
+            reported = (result.output or {}).get("sha256")
+            if row.artifact_sha256 is not None and reported is not None and reported != row.artifact_sha256:
+                # The upload was verified against its Content-Digest: the device now describes
+                # another archive than the one it sent. Recorded, and loud.
+                logger.warning("command %s: the device reports another archive than it uploaded", row.id)
+                await self._audit.record(
+                    AuditEvent(
+                        action="command.artifact_mismatch",
+                        outcome=Outcome.DENIED,
+                        actor=result.device_id,
+                        target=result.command_id,
+                        detail={"stored_sha256": row.artifact_sha256, "reported_sha256": str(reported)[:64]},
+                    ),
+                    connection=conn,
+                )
             await conn.execute(
                 sa.update(commands)
                 .where(commands.c.id == row.id)
@@ -385,10 +405,12 @@ class CommandService:
         token: str | None,
         body: AsyncIterator[bytes],
         declared_bytes: int | None,
+        content_digest: str | None,
         source: str,
     ) -> CommandView:
-        """Keep the archive a device uploads for its collect_logs command. Refusals (401, 413)
-        are audited; the token is spent only by a stored upload."""
+        """Keep the archive a device uploads for its collect_logs command, once its SHA-256
+        matches the `Content-Digest` the device declared. Refusals (401, 413, 422 on a damaged
+        archive) are audited; the token is spent only by a stored upload."""
         now = self._clock()
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(commands).where(commands.c.id == command_id))).first()
@@ -410,7 +432,25 @@ class CommandService:
             raise AuthenticationFailed(
                 "the upload token is not valid for this command", code="upload_refused"
             )
+        if content_digest is None:
+            raise InvalidInput(
+                "header 'Content-Digest' is required (sha-256=:<base64>:, RFC 9530)", code="digest_required"
+            )
+        try:
+            expected_sha256 = declared_sha256(content_digest)
+        except ValueError as exc:
+            raise InvalidInput(f"header 'Content-Digest': {exc}") from None
         data = await self._read_bounded(body, declared_bytes, device_id, command_id, source)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(sha256, expected_sha256):
+            await self._refuse_upload(
+                device_id, command_id, "digest_mismatch", source, received_sha256=sha256, bytes=len(data)
+            )
+            raise InvalidInput(
+                "the archive received does not match its Content-Digest (damaged on the way): "
+                "nothing was stored; upload it again",
+                code="digest_mismatch",
+            )
         path = self._artifact_path(command_id)
         async with self._engine.begin() as conn:
             claimed = await conn.execute(
@@ -420,7 +460,7 @@ class CommandService:
                     commands.c.artifact_path.is_(None),
                     commands.c.status.in_(OPEN),
                 )
-                .values(artifact_path=str(path), artifact_bytes=len(data))
+                .values(artifact_path=str(path), artifact_bytes=len(data), artifact_sha256=sha256)
             )
         if claimed.rowcount != 1:  # another upload with the same token won the race
             await self._refuse_upload(device_id, command_id, "token_used", source)
@@ -434,7 +474,7 @@ class CommandService:
                 await conn.execute(
                     sa.update(commands)
                     .where(commands.c.id == command_id)
-                    .values(artifact_path=None, artifact_bytes=None)
+                    .values(artifact_path=None, artifact_bytes=None, artifact_sha256=None)
                 )
             raise
         await self._audit.record(
@@ -444,7 +484,7 @@ class CommandService:
                 actor=device_id,
                 target=command_id,
                 source=source,
-                detail={"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+                detail={"bytes": len(data), "sha256": sha256},
             )
         )
         return await self.get(command_id)
@@ -466,7 +506,9 @@ class CommandService:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _refuse_upload(self, device_id: str, command_id: str, reason: str, source: str) -> None:
+    async def _refuse_upload(
+        self, device_id: str, command_id: str, reason: str, source: str, **detail: object
+    ) -> None:
         await self._audit.record(
             AuditEvent(
                 action="command.artifact_upload",
@@ -474,7 +516,7 @@ class CommandService:
                 actor=device_id,
                 target=command_id,
                 source=source,
-                detail={"reason": reason},
+                detail={"reason": reason, **detail},
             )
         )
 

@@ -24,7 +24,8 @@ from agent.health import SimulatedProbe
 from agent.runtime import Agent
 from agent.settings import AgentSettings
 from agent.state import AgentState
-from protocol.messages import DeviceInfo
+from protocol.digest import content_digest
+from protocol.messages import CommandResult, CommandStatus, DeviceInfo
 from tests.conftest import start_stack
 from tests.support.agents import EnrolledAgent, enroll_agent, running
 from tests.support.control_plane import RunningControlPlane
@@ -171,11 +172,13 @@ async def test_collect_logs_uploads_an_archive_the_operator_downloads_intact(
     assert view["status"] == "succeeded", view
     assert view["artifact"] == {
         "bytes": view["output"]["bytes"],
+        "sha256": view["output"]["sha256"],  # verified against the agent's Content-Digest
         "download_url": f"/v1/commands/{created['id']}/artifact",
     }
     download = await cp.api.get(view["artifact"]["download_url"])
     assert download.status_code == 200
     assert hashlib.sha256(download.content).hexdigest() == view["output"]["sha256"]
+    assert download.headers["Content-Digest"] == content_digest(download.content)
     with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as archive:
         log = archive.extractfile("agent.log")
         assert log is not None
@@ -205,8 +208,10 @@ async def test_artifact_upload_refusals_are_audited(cp: RunningControlPlane, tmp
     url = f"/v1/devices/{enrolled.device_id}/commands/{created['id']}/artifact"
     token = cp.control_plane.services.commands.upload_token(created["id"])
 
-    async def put(body: bytes, token: str | None) -> int:
+    async def put(body: bytes, token: str | None, digest: str | None = "of the body") -> int:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        if digest is not None:
+            headers["Content-Digest"] = content_digest(body) if digest == "of the body" else digest
         return (await cp.anonymous.put(url, content=body, headers=headers)).status_code
 
     assert await put(b"data", "sfu_forged-token-000000000000000") == 401
@@ -218,14 +223,34 @@ async def test_artifact_upload_refusals_are_audited(cp: RunningControlPlane, tmp
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "upload_refused"
 
+    # An archive damaged on the way (or a device that does not say what it sent) is refused.
+    assert await put(b"the archive", token, digest=content_digest(b"the archivE")) == 422
+    assert await put(b"the archive", token, digest=None) == 422
+    assert await put(b"the archive", token, digest="md5=:AAAA:") == 422
+
     records = await cp.control_plane.services.audit.records(action="command.artifact_upload")
     reasons = [r["detail"]["reason"] for r in reversed(records)]
-    assert reasons == ["bad_token", "missing_token", "too_large", "unknown_command"]
+    assert reasons == ["bad_token", "missing_token", "too_large", "unknown_command", "digest_mismatch"]
     assert all(r["outcome"] == "denied" for r in records)
+    assert records[0]["detail"]["received_sha256"] == hashlib.sha256(b"the archive").hexdigest()
     # Refusals did not spend the token.
     assert await put(b"the archive", token) == 200
     view = (await cp.api.get(f"/v1/commands/{created['id']}")).json()
     assert view["artifact"]["bytes"] == len(b"the archive")
+    assert view["artifact"]["sha256"] == hashlib.sha256(b"the archive").hexdigest()
+
+    # A result describing another archive than the one stored is recorded, and loud.
+    result = CommandResult(
+        device_id=enrolled.device_id,
+        command_id=created["id"],
+        status=CommandStatus.SUCCEEDED,
+        output={"bytes": 5, "sha256": hashlib.sha256(b"other").hexdigest()},
+    )
+    await cp.control_plane.services.commands.record_results([result])
+    mismatch = await cp.control_plane.services.audit.records(action="command.artifact_mismatch")
+    assert [(m["outcome"], m["detail"]["stored_sha256"]) for m in mismatch] == [
+        ("denied", view["artifact"]["sha256"])
+    ]
 
 
 async def test_command_id_makes_creation_idempotent_and_bad_requests_are_refused(
