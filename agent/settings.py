@@ -36,6 +36,10 @@ class AgentSettings(BaseSettings):
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
     keepalive_s: int = Field(default=30, ge=5, le=65535)
+    # How often the MQTT client's housekeeping runs (keep-alive pings, acknowledgement
+    # timeouts). Once a second costs nothing for one agent; thousands of simulated agents in
+    # one process set it to a fraction of the keep-alive instead.
+    mqtt_housekeeping_s: float = Field(default=1.0, gt=0)
     # TCP connect + TLS handshake, then CONNACK.
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # SUBACK / PUBACK waits, and the offline status published on shutdown.

@@ -24,6 +24,9 @@ from protocol.messages import DeviceInfo
 logger = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0-sim"
+# MQTT housekeeping of simulated agents (keep-alive pings; the keep-alive is 30 s): a task per
+# client waking every second would be most of an idle fleet's cost to its event loop.
+SIMULATED_HOUSEKEEPING_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,5 +126,6 @@ async def enroll_fleet(
 @contextlib.contextmanager
 def simulator_settings(**overrides: Any) -> Iterator[AgentSettings]:
     """Agent settings for in-process agents (state stays in memory; the dir is a formality)."""
+    overrides.setdefault("mqtt_housekeeping_s", SIMULATED_HOUSEKEEPING_S)
     with tempfile.TemporaryDirectory(prefix="storefleet-sim-") as tmp:
         yield AgentSettings(state_dir=Path(tmp), **overrides)

@@ -38,6 +38,7 @@ from agent.settings import AgentSettings
 from agent.state import AgentState
 from protocol.messages import DesiredState, DeviceInfo
 from simulators.faults import Fault, FaultKind
+from simulators.fleet import SIMULATED_HOUSEKEEPING_S
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ class Shard:
     async def enroll(self) -> None:
         """Enroll every device (own key, CSR, token over HTTPS) and build its agent."""
         self._rss_baseline = self._process.memory_info().rss
-        settings = AgentSettings(**self.config.agent_settings)
+        settings = AgentSettings(
+            **{"mqtt_housekeeping_s": SIMULATED_HOUSEKEEPING_S, **self.config.agent_settings}
+        )
         gate = asyncio.Semaphore(self.config.enroll_concurrency)
         seed = self.config.seed
 

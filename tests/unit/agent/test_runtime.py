@@ -187,6 +187,25 @@ async def test_many_agents_share_one_event_loop(tmp_path, broker, signing_key):
         state.close()
 
 
+@pytest.mark.integration
+@pytest.mark.mosquitto
+async def test_a_quiet_session_is_kept_alive_at_a_slower_housekeeping_interval(tmp_path, broker, signing_key):
+    """Mosquitto drops a client silent for 1.5 keep-alives (7.5 s here, noticed within ~10 s);
+    housekeeping every 2 s (simulated fleets run it less often than aiomqtt's 1 s) still sends
+    the pings (at 20 s this test fails: the session is dropped and made again)."""
+    state = AgentState.in_memory()
+    broker.enroll(state, "dev-0200", signing_key)
+    settings = fast_settings(tmp_path, keepalive_s=5, mqtt_housekeeping_s=2.0, health_interval_s=3600.0)
+    agent = Agent(settings, state, MemoryHandler(), SimulatedProbe(0))
+    async with broker.control_plane(), running(agent):
+        async with asyncio.timeout(TIMEOUT_S):
+            await agent.wait_connected()
+        await asyncio.sleep(11)  # nothing but keep-alive traffic for longer than the broker allows
+        assert agent.connected
+        assert agent.stats.connects == 1, agent.stats.last_error
+    state.close()
+
+
 # --- without a broker ----------------------------------------------------------------
 
 
