@@ -25,7 +25,6 @@ stops adding history within that time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from control_plane.aio import wait_event
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.clock import utc_now
 from control_plane.db.schema import UTCDateTime, devices, health_history
@@ -271,8 +271,7 @@ class Ingest:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
+            await wait_event(self._wakeup, self._flush_interval_s)
             self._wakeup.clear()
             try:
                 await self.flush()

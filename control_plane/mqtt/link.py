@@ -21,12 +21,14 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
+from control_plane.aio import raise_if_cancelled
 from control_plane.mqtt.receive import FastReceiver
 from protocol.topics import TopicKind, fleet_filter
 
@@ -41,6 +43,9 @@ INGEST_KINDS = (
 )
 
 MessageHandler = Callable[[str, bytes], None]
+
+# CONNACK, SUBACK and PUBACK waits.
+_ACK_TIMEOUT_S = 30.0
 
 
 def share_group(secret: bytes) -> str:
@@ -91,7 +96,12 @@ class BrokerLink:
         client = self._client
         if client is None or not self._connected.is_set():
             raise ConnectionError("not connected to the broker")
-        await client.publish(topic, payload, qos=qos, retain=retain)
+        # aiomqtt's own timeout is asyncio.wait_for, which can swallow a cancellation (aio.py).
+        try:
+            async with asyncio.timeout(_ACK_TIMEOUT_S):
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
+        except TimeoutError:
+            raise aiomqtt.MqttError(f"no PUBACK from the broker within {_ACK_TIMEOUT_S:g}s") from None
 
     async def run(self) -> None:
         delay = self._reconnect_min_s
@@ -105,7 +115,7 @@ class BrokerLink:
                     clean_session=self._shared_group is not None,
                     keepalive=self._keepalive_s,
                     max_inflight_messages=1000,
-                    timeout=30,
+                    timeout=_ACK_TIMEOUT_S,
                 ) as client:
                     # The publisher keeps hundreds of publishes in flight on purpose (refills,
                     # store-wide changes); aiomqtt would warn from 10 on.
@@ -113,8 +123,8 @@ class BrokerLink:
                     self._client = client
                     # Before subscribing: every device message takes the lean path (receive.py).
                     FastReceiver(client._client, self._on_message).install(asyncio.get_running_loop())
-                    for topic_filter in self.subscriptions:
-                        await client.subscribe(topic_filter, qos=1)
+                    await self._subscribe(client)
+                    raise_if_cancelled()  # the CONNACK wait is aiomqtt's wait_for
                     self._connected.set()
                     self.connects += 1
                     delay = self._reconnect_min_s
@@ -140,6 +150,14 @@ class BrokerLink:
                 self._client = None
             await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, self._reconnect_max_s)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        try:
+            async with asyncio.timeout(_ACK_TIMEOUT_S):  # ours, not aiomqtt's wait_for (aio.py)
+                for topic_filter in self.subscriptions:
+                    await client.subscribe(topic_filter, qos=1, timeout=math.inf)
+        except TimeoutError:
+            raise aiomqtt.MqttError(f"no SUBACK from the broker within {_ACK_TIMEOUT_S:g}s") from None
 
     async def _after_connect(self) -> None:
         if self._on_connected is None:

@@ -117,9 +117,8 @@ class CAGateway:
         context = contextvars.copy_context()
         work = functools.partial(context.run, fn, *args, **kwargs)
         try:
-            result = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(self._executor, work), self._timeout_s
-            )
+            async with asyncio.timeout(self._timeout_s):  # not wait_for: see control_plane/aio.py
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, work)
         except TimeoutError:
             self.breaker.record_failure()
             raise CAUnavailable(f"certificate authority did not answer within {self._timeout_s:g}s") from None

@@ -28,7 +28,6 @@ devices report (the ingest writes in batches every `ingest_flush_interval_s`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -38,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control_plane.aio import wait_event
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import devices, enrollment_tokens, store_events, store_provisioning, stores
 from control_plane.desired.publisher import DesiredStatePublisher, Publisher
@@ -101,8 +101,7 @@ class ProvisioningWorker:
             except Exception:
                 logger.exception("provisioning pass failed; trying again on the next tick")
             await asyncio.sleep(self._settle_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
+            await wait_event(self._wakeup, self._interval_s)
             self._wakeup.clear()
 
     async def run_once(self) -> None:

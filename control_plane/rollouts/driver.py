@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from control_plane.aio import wait_event
 from control_plane.clock import Clock, utc_now
 from control_plane.db.schema import (
     device_releases,
@@ -114,8 +115,7 @@ class RolloutDriver:
                 # (the ingest and publisher share it). Issuing versions is not counted: it is
                 # work done, not polling. An API call on this replica wakes it early.
                 pause = max(self._tick_s, _DUTY_FACTOR * self._evaluating_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), pause)
+                await wait_event(self._wakeup, pause)
                 self._wakeup.clear()
         finally:
             with contextlib.suppress(Exception):
