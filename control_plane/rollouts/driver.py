@@ -149,6 +149,7 @@ class RolloutDriver:
             wave_started_at=row.wave_started_at,
             start_at=row.start_at,
             failures_accepted=row.failures_accepted,
+            evidence_waived_wave=row.evidence_waived_wave,
             plan=Plan.model_validate(row.plan),
         )
         started = time.perf_counter()

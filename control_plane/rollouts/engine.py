@@ -5,6 +5,7 @@ Rollout states::
     scheduled ──start_at──▶ running ◀──resume── paused
                               │  ╲──failure threshold (on_failure=pause)──▶ paused
                               │   ╲─failure threshold (on_failure=abort)──▶ rolling_back ─▶ rolled_back
+                              │    ╲no evidence: every device so far skipped, more waves to go──▶ paused
                               └──last wave passed, nothing deferred──▶ completed
 
 Device states (per rollout)::
@@ -21,7 +22,13 @@ the waves started so far. A wave passes when none of its devices is queued or in
 (deferred and skipped ones do not hold it up) and healthy / settled ≥ success_threshold
 with settled ≥ min(min_sample, devices that could be changed) — but never on no evidence
 at all: a wave whose devices are all deferred waits for a window (otherwise every wave
-would "pass" empty and the deferred devices of all waves would then move at once).
+would "pass" empty and the deferred devices of all waves would then move at once), and
+when every device of the waves started so far was skipped (offline), the rollout pauses
+instead of starting a bigger wave blind (reason code ``no_evidence``, whatever
+``on_failure`` says: nothing failed, it is the operator's call). An operator who resumes it
+waives the evidence through the current wave (``evidence_waived_wave``); a later wave with
+still no evidence pauses again. The last wave all skipped completes: nothing moved, and the
+skipped devices are reported.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ class RolloutStatus:
     wave_started_at: datetime | None
     start_at: datetime | None
     failures_accepted: int
+    # Waves up to this one may pass with no evidence (an operator resumed a no-evidence pause).
+    evidence_waived_wave: int | None
     plan: Plan
 
 
@@ -170,6 +179,16 @@ def step(rollout: RolloutStatus, devices: Sequence[DeviceStatus], now: datetime)
         out.events.append(("aborted" if out.rollback else "paused", {"reason": reason}))
         return out
     last = len(plan.waves) - 1
+    if rollout.current_wave < last and all_skipped(counts) and not _waived(rollout):
+        # Not one device proved the release (or disproved it): a bigger wave would start blind.
+        waves = "wave 0" if rollout.current_wave == 0 else f"waves 0..{rollout.current_wave}"
+        reason = f"no evidence: every device of {waves} was skipped (offline); resume to continue without it"
+        out.reason = reason
+        out.state = RolloutState.PAUSED
+        out.events.append(
+            ("paused", {"reason": reason, "code": "no_evidence", "skipped": counts[DeviceState.SKIPPED]})
+        )
+        return out
     if rollout.current_wave < last:
         out.current_wave = rollout.current_wave + 1
         out.events.append(
@@ -182,6 +201,19 @@ def step(rollout: RolloutStatus, devices: Sequence[DeviceStatus], now: datetime)
             ("completed", {"healthy": healthy, "failed": failures, "skipped": counts[DeviceState.SKIPPED]})
         )
     return out
+
+
+def all_skipped(counts: Mapping[DeviceState, int]) -> bool:
+    """Every device of the waves started so far (`counts`: per state) was skipped: no evidence.
+
+    Shared by `step` and by the service, which waives the evidence on a resume only then.
+    """
+    skipped = counts.get(DeviceState.SKIPPED, 0)
+    return skipped > 0 and skipped == sum(counts.values())
+
+
+def _waived(rollout: RolloutStatus) -> bool:
+    return rollout.evidence_waived_wave is not None and rollout.current_wave <= rollout.evidence_waived_wave
 
 
 def _observe(device: DeviceStatus, plan: Plan, now: datetime, move: Any) -> None:

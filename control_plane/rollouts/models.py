@@ -169,6 +169,9 @@ class RolloutView(BaseModel):
     state: RolloutState
     reason: str | None
     current_wave: int
+    evidence_waived_wave: int | None = Field(
+        default=None, description="waves up to this one may pass with every device skipped (resumed)"
+    )
     selector: dict[str, Any]
     plan: dict[str, Any]
     start_at: datetime | None

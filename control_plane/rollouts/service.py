@@ -22,9 +22,10 @@ from control_plane.db.schema import releases, rollout_devices, rollout_events, r
 from control_plane.desired.assembly import assemble
 from control_plane.desired.layers import content_hash, effective_state
 from control_plane.errors import Conflict, InvalidInput, NotFound
-from control_plane.rollouts.engine import assign_waves
+from control_plane.rollouts.engine import all_skipped, assign_waves
 from control_plane.rollouts.models import (
     ACTIVE_STATES,
+    DeviceState,
     DiffEntry,
     DryRunPlan,
     PlanGroup,
@@ -221,6 +222,7 @@ class RolloutService:
             state=row.state,
             reason=row.reason,
             current_wave=row.current_wave,
+            evidence_waived_wave=row.evidence_waived_wave,
             selector=row.selector,
             plan=row.plan,
             start_at=row.start_at,
@@ -282,7 +284,9 @@ class RolloutService:
 
     async def resume(self, rollout_id: str, *, actor: str) -> RolloutView:
         """Continue a paused rollout; the failures seen so far are accepted (the threshold
-        counts new failures from here)."""
+        counts new failures from here). If every device of the waves started so far was
+        skipped (the engine's no-evidence pause), the operator waives the evidence through the
+        current wave: it may pass on none; a later wave with still none pauses again."""
         return await self._control(rollout_id, actor, "resume", {RolloutState.PAUSED}, RolloutState.RUNNING)
 
     async def abort(self, rollout_id: str, *, actor: str) -> RolloutView:
@@ -312,7 +316,9 @@ class RolloutService:
         async with self._engine.begin() as conn:
             row = (
                 await conn.execute(
-                    sa.select(rollouts.c.state).where(rollouts.c.id == rollout_id).with_for_update()
+                    sa.select(rollouts.c.state, rollouts.c.current_wave)
+                    .where(rollouts.c.id == rollout_id)
+                    .with_for_update()
                 )
             ).first()
             if row is None:
@@ -320,17 +326,27 @@ class RolloutService:
             if row.state not in allowed:
                 raise Conflict(f"cannot {action} a rollout that is {row.state}", code="rollout_state")
             values: dict[str, Any] = {"state": to, "updated_at": now, "reason": f"{action} by {actor}"}
+            waiver: dict[str, Any] = {}
             if action == "resume":
                 values["failures_accepted"] = await _failures(conn, rollout_id)
+                # Waive only what the operator sees: a wave whose devices are not all skipped
+                # yet (say, paused by hand while its canaries were still queued) keeps the gate.
+                if all_skipped(await _started_states(conn, rollout_id, row.current_wave)):
+                    waiver["evidence_waived_wave"] = values["evidence_waived_wave"] = row.current_wave
+                    values["reason"] += f"; missing evidence waived through wave {row.current_wave}"
             await conn.execute(sa.update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
             await conn.execute(
                 rollout_events.insert().values(
-                    rollout_id=rollout_id, at=now, kind=action, detail={"by": actor}
+                    rollout_id=rollout_id, at=now, kind=action, detail={"by": actor, **waiver}
                 )
             )
             await self._audit.record(
                 AuditEvent(
-                    action=f"rollout.{action}", outcome=Outcome.SUCCESS, actor=actor, target=rollout_id
+                    action=f"rollout.{action}",
+                    outcome=Outcome.SUCCESS,
+                    actor=actor,
+                    target=rollout_id,
+                    detail=waiver,
                 ),
                 connection=conn,
             )
@@ -367,6 +383,16 @@ async def _failures(conn: AsyncConnection, rollout_id: str) -> int:
         )
     )
     return int(count or 0)
+
+
+async def _started_states(conn: AsyncConnection, rollout_id: str, current_wave: int) -> Counter[DeviceState]:
+    """Device counts per state over the waves started so far (the engine's evidence)."""
+    rows = await conn.execute(
+        sa.select(rollout_devices.c.state, sa.func.count())
+        .where(rollout_devices.c.rollout_id == rollout_id, rollout_devices.c.wave <= current_wave)
+        .group_by(rollout_devices.c.state)
+    )
+    return Counter({DeviceState(state): count for state, count in rows})
 
 
 def _diff(before: Mapping[str, Any], after: Mapping[str, Any], path: str = "") -> list[DiffEntry]:

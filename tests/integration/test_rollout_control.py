@@ -1,6 +1,7 @@
 """Rollout control over the API (embedded stack): validation errors name the field; pause,
 resume, manual rollback of a completed rollout; a device turning unhealthy after the apply;
-devices in trading stores deferred; the SSE event stream."""
+devices in trading stores deferred; the SSE event stream; a canary wave all offline pauses
+for lack of evidence until an operator resumes."""
 
 from __future__ import annotations
 
@@ -108,6 +109,53 @@ async def test_pause_resume_and_manual_rollback_of_a_completed_rollout(tmp_path)
             assert (await cp.api.post("/v1/rollouts/ro-ctl/abort")).status_code == 409
         audit = await cp.control_plane.services.audit.records(action="rollout.rollback")
         assert [r["target"] for r in audit] == ["ro-ctl"]
+
+
+async def test_an_offline_canary_pauses_the_rollout_until_the_operator_waives_the_evidence(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        fleet = await _fleet(cp, tmp_path, 2)
+        await _release(cp, "r-blind", {"config": {"pos": {"tip": True}}})
+        body = {
+            "id": "ro-blind",
+            "release_id": "r-blind",
+            "selector": {"stores": ["NL-AMS-0001"]},
+            "plan": {**PLAN, "offline_skip_after_s": 1.5, "on_failure": "abort"},
+        }
+        [canary] = (await cp.api.post("/v1/rollouts/plan", json=body)).json()["waves"][0]["devices"]
+        [other] = [e for e in fleet if e.device_id != canary]
+        # The canary is enrolled but never comes online; the other device runs.
+        async with _run([_agent(other)]) as [agent]:
+            assert (await cp.api.post("/v1/rollouts", json=body)).status_code == 201
+            await _wait_rollout(cp, "ro-blind", {"running"})
+            # Paused and resumed by hand before the canary's deadline: nothing is waived.
+            assert (await cp.api.post("/v1/rollouts/ro-blind/pause")).json()["state"] == "paused"
+            resumed = (await cp.api.post("/v1/rollouts/ro-blind/resume")).json()
+            assert resumed["waves"][0]["states"] == {"queued": 1}
+            assert resumed["evidence_waived_wave"] is None
+
+            view = await _wait_rollout(cp, "ro-blind", {"paused", "completed", "rolled_back"})
+            assert view["state"] == "paused", view
+            assert view["reason"] == (
+                "no evidence: every device of wave 0 was skipped (offline); resume to continue without it"
+            )
+            assert view["current_wave"] == 0
+            assert view["waves"][1]["states"] == {"queued": 1}  # the next wave did not start blind
+            events = (await cp.api.get("/v1/rollouts/ro-blind/events")).json()
+            [paused] = [e["detail"] for e in events if e["kind"] == "paused"]
+            assert (paused["code"], paused["skipped"]) == ("no_evidence", 1)
+            assert await _versions(cp, other.device_id) == [1]
+
+            resumed = (await cp.api.post("/v1/rollouts/ro-blind/resume")).json()
+            assert resumed["state"] == "running"
+            assert resumed["evidence_waived_wave"] == 0
+            assert resumed["reason"].endswith("missing evidence waived through wave 0")
+            view = await _wait_rollout(cp, "ro-blind", {"completed", "paused", "rolled_back"})
+            assert view["state"] == "completed", view
+            assert [w["states"] for w in view["waves"]] == [{"skipped": 1}, {"healthy": 1}]
+            assert agent.applied_version == 2
+            assert await _versions(cp, canary) == [1]
+        audit = await cp.control_plane.services.audit.records(action="rollout.resume")
+        assert [r["detail"] for r in audit] == [{"evidence_waived_wave": 0}, {}]  # newest first
 
 
 async def test_a_device_unhealthy_after_the_apply_fails_the_canary(tmp_path):

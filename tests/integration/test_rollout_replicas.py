@@ -4,7 +4,8 @@ takes over and finishes the rollout without repeating a step.
 
 The drivers run without a broker (leadership is a database matter; full replicas on one
 broker are in test_replicas.py). The devices are offline, so the rollout progresses by
-skipping them on its clock.
+skipping them on its clock; with every canary skipped it pauses for lack of evidence once,
+and the test resumes it (as an operator would) to let it finish.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from control_plane.db.schema import devices, leases, releases, rollout_events, s
 from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.pki.signing_keys import SigningKeyring
 from control_plane.rollouts.driver import RolloutDriver
-from control_plane.rollouts.models import Plan, RolloutCreate, Selector, Wave
+from control_plane.rollouts.models import Plan, RolloutCreate, RolloutView, Selector, Wave
 from control_plane.rollouts.service import RolloutService
 from tests.support.postgres import fresh_database
 
@@ -58,6 +59,15 @@ async def _seed(engine) -> None:
                 id="r1", name="r1", layer={"config": {"a": 1}}, created_by="test", created_at=now
             )
         )
+
+
+async def _wait_state(service: RolloutService, state: str) -> RolloutView:
+    for _ in range(100):
+        view = await service.get("ro-ha")
+        if view.state == state:
+            return view
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"rollout never reached {state}: {view}")
 
 
 async def _lease_kept() -> None:
@@ -114,12 +124,10 @@ async def test_one_driver_at_a_time_and_failover(tmp_path, how):
                 tasks[leader].cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks[leader]
-                for _ in range(100):
-                    if (await service.get("ro-ha")).state == "completed":
-                        break
-                    await asyncio.sleep(0.1)
-                view = await service.get("ro-ha")
-                assert view.state == "completed"
+                paused = await _wait_state(service, "paused")
+                assert (paused.reason or "").startswith("no evidence: every device of wave 0 was skipped")
+                await service.resume("ro-ha", actor="test")
+                view = await _wait_state(service, "completed")
                 assert view.states == {"skipped": 3}
                 assert drivers[follower].is_leader
                 async with engines[0].connect() as conn:
@@ -134,6 +142,7 @@ async def test_one_driver_at_a_time_and_failover(tmp_path, how):
                 assert holder == f"replica-{follower}"
                 # Each step happened once, whichever replica made it.
                 assert kinds.count("started") == 1
+                assert kinds.count("paused") == 1
                 assert kinds.count("wave_started") == 1
                 assert kinds.count("completed") == 1
             finally:

@@ -1,5 +1,6 @@
 """The rollout engine with an injected clock: waves, health gate, thresholds, min sample,
-windows across a DST change, deferred / skipped devices, timeouts, the per-store cap."""
+windows across a DST change, deferred / skipped devices, timeouts, the per-store cap, the
+pause on no evidence (every device skipped) and the operator's waiver."""
 
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ class Sim:
             wave_started_at=None,
             start_at=None,
             failures_accepted=0,
+            evidence_waived_wave=None,
             plan=the_plan,
         )
         self.devices = {d.device_id: d for d in devices}
         self.now = start
         self.version = dict.fromkeys(self.devices, 1)
+        self.events: list[tuple[str, dict]] = []
 
     def step(self) -> Step:
         out = step(self.rollout, list(self.devices.values()), self.now)
+        self.events.extend(out.events)
         for t in out.transitions:
             device = self.devices[t.device_id]
             device.state = t.state
@@ -416,6 +420,93 @@ def test_a_wave_of_only_deferred_devices_waits_instead_of_passing_empty():
         sim.advance(60)
     assert sim.rollout.current_wave == 0
     assert sim.states() == {"deferred": 1, "queued": 3}
+
+
+def offline(devices: list[DeviceStatus], *ids: str) -> list[DeviceStatus]:
+    """The given devices (all without ids) are offline, last heard of at T0."""
+    for device in devices:
+        if not ids or device.device_id in ids:
+            device.online = False
+    return devices
+
+
+def test_a_canary_wave_all_skipped_pauses_instead_of_starting_the_next_wave_blind():
+    # on_failure=abort: nothing failed, so no rollback either; the operator decides.
+    the_plan = plan(waves=[Wave(count=2), Wave(percent=100)], offline_skip_after_s=300, on_failure="abort")
+    sim = Sim(the_plan, offline(waved(fleet(6, stores=6), the_plan)))
+    sim.step()
+    sim.advance(299)
+    sim.step()
+    assert sim.states() == {"queued": 6}  # offline, not yet past the deadline
+    sim.advance(1)
+    out = sim.step()
+    canaries = sorted(d.device_id for d in sim.devices.values() if d.wave == 0)
+    assert sorted(t.device_id for t in out.transitions) == canaries
+    assert {t.state for t in out.transitions} == {DeviceState.SKIPPED}
+    assert out.state is RolloutState.PAUSED
+    assert out.current_wave is None
+    assert out.reason == (
+        "no evidence: every device of wave 0 was skipped (offline); resume to continue without it"
+    )
+    assert out.events == [("paused", {"reason": out.reason, "code": "no_evidence", "skipped": 2})]
+    # Paused: the 100 % wave never starts, however long it waits.
+    for _ in range(3):
+        sim.advance(600)
+        assert sim.step().transitions == []
+    assert sim.rollout.state is RolloutState.PAUSED
+    assert sim.rollout.current_wave == 0
+    assert sim.states() == {"skipped": 2, "queued": 4}
+
+
+def test_resuming_waives_the_missing_evidence_of_that_wave_only():
+    the_plan = plan(waves=[Wave(count=2), Wave(percent=50), Wave(percent=100)], offline_skip_after_s=300)
+    sim = Sim(the_plan, offline(waved(fleet(8, stores=8), the_plan)))
+    sim.step()
+    sim.advance(300)
+    sim.step()
+    assert sim.rollout.state is RolloutState.PAUSED
+    # The operator resumes: the service records the waiver through the current wave.
+    sim.rollout.state = RolloutState.RUNNING
+    sim.rollout.evidence_waived_wave = 0
+    out = sim.step()
+    assert out.current_wave == 1
+    assert [kind for kind, _ in out.events] == ["wave_passed", "wave_started"]
+    # Wave 1 is all offline too: still no evidence at all, so it pauses again.
+    sim.advance(300)
+    out = sim.step()
+    assert out.state is RolloutState.PAUSED
+    assert out.reason is not None
+    assert out.reason.startswith("no evidence: every device of waves 0..1 was skipped")
+    assert out.events[-1][1]["code"] == "no_evidence"
+    assert out.events[-1][1]["skipped"] == 4  # cumulative over the waves started
+    assert sim.rollout.current_wave == 1
+    assert sim.states() == {"skipped": 4, "queued": 4}
+
+
+def test_one_healthy_canary_is_evidence_enough():
+    the_plan = plan(waves=[Wave(count=2), Wave(percent=100)], offline_skip_after_s=30, bake_s=60)
+    devices = waved(fleet(6, stores=6), the_plan)
+    gone = next(d for d in devices if d.wave == 0)
+    sim = Sim(the_plan, offline(devices, gone.device_id))
+    sim.step()
+    sim.run_good_devices(100)
+    assert sim.devices[gone.device_id].state is DeviceState.SKIPPED
+    assert sim.rollout.state is RolloutState.RUNNING
+    assert sim.rollout.current_wave == 1
+    assert "paused" not in [kind for kind, _ in sim.events]
+    wave_passed = next(detail for kind, detail in sim.events if kind == "wave_passed")
+    assert wave_passed == {"wave": 0, "healthy": 1, "settled": 1}
+
+
+def test_the_last_wave_all_skipped_completes():
+    the_plan = plan(waves=[Wave(percent=100)], offline_skip_after_s=300)
+    sim = Sim(the_plan, offline(waved(fleet(3, stores=3), the_plan)))
+    sim.step()
+    sim.advance(300)
+    out = sim.step()
+    assert out.state is RolloutState.COMPLETED  # nothing moved; the skipped are reported
+    assert out.events == [("completed", {"healthy": 0, "failed": 0, "skipped": 3})]
+    assert sim.states() == {"skipped": 3}
 
 
 def test_store_cap_and_known_good_hold_back_the_last_till():
