@@ -286,7 +286,8 @@ class RolloutService:
         """Continue a paused rollout; the failures seen so far are accepted (the threshold
         counts new failures from here). If every device of the waves started so far was
         skipped (the engine's no-evidence pause), the operator waives the evidence through the
-        current wave: it may pass on none; a later wave with still none pauses again."""
+        current wave: it may pass on none; a later wave with still none pauses again. A rollout
+        paused before it started is scheduled again (it starts at its start time)."""
         return await self._control(rollout_id, actor, "resume", {RolloutState.PAUSED}, RolloutState.RUNNING)
 
     async def abort(self, rollout_id: str, *, actor: str) -> RolloutView:
@@ -316,7 +317,7 @@ class RolloutService:
         async with self._engine.begin() as conn:
             row = (
                 await conn.execute(
-                    sa.select(rollouts.c.state, rollouts.c.current_wave)
+                    sa.select(rollouts.c.state, rollouts.c.current_wave, rollouts.c.wave_started_at)
                     .where(rollouts.c.id == rollout_id)
                     .with_for_update()
                 )
@@ -325,6 +326,10 @@ class RolloutService:
                 raise NotFound(f"rollout {rollout_id!r} does not exist", code="rollout_not_found")
             if row.state not in allowed:
                 raise Conflict(f"cannot {action} a rollout that is {row.state}", code="rollout_state")
+            if action == "resume" and row.wave_started_at is None:
+                # Paused before the driver started it: back to waiting for its start time (the
+                # driver then starts it as any other: `started` event, wave clock, skips).
+                to = RolloutState.SCHEDULED
             values: dict[str, Any] = {"state": to, "updated_at": now, "reason": f"{action} by {actor}"}
             waiver: dict[str, Any] = {}
             if action == "resume":

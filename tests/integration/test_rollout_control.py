@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -109,6 +110,31 @@ async def test_pause_resume_and_manual_rollback_of_a_completed_rollout(tmp_path)
             assert (await cp.api.post("/v1/rollouts/ro-ctl/abort")).status_code == 409
         audit = await cp.control_plane.services.audit.records(action="rollout.rollback")
         assert [r["target"] for r in audit] == ["ro-ctl"]
+
+
+async def test_a_rollout_paused_before_its_start_resumes_as_scheduled(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        fleet = await _fleet(cp, tmp_path, 1)
+        await _release(cp, "r-later", {"config": {"pos": {"tip": True}}})
+        start_at = datetime.now(UTC) + timedelta(seconds=2)
+        body = {
+            "id": "ro-later",
+            "release_id": "r-later",
+            "selector": {"devices": [fleet[0].device_id]},
+            "plan": PLAN,
+            "start_at": start_at.isoformat(),
+        }
+        async with _run([_agent(fleet[0])]) as [agent]:
+            assert (await cp.api.post("/v1/rollouts", json=body)).json()["state"] == "scheduled"
+            assert (await cp.api.post("/v1/rollouts/ro-later/pause")).json()["state"] == "paused"
+            resumed = (await cp.api.post("/v1/rollouts/ro-later/resume")).json()
+            assert resumed["state"] == "scheduled"  # not running without having started
+            view = await _wait_rollout(cp, "ro-later", {"completed", "paused", "rolled_back"})
+            assert view["state"] == "completed", view
+            events = (await cp.api.get("/v1/rollouts/ro-later/events")).json()
+            [started] = [e for e in events if e["kind"] == "started"]
+            assert datetime.fromisoformat(started["at"]) >= start_at  # its start time was kept
+            assert agent.applied_version == 2
 
 
 async def test_an_offline_canary_pauses_the_rollout_until_the_operator_waives_the_evidence(tmp_path):
