@@ -35,7 +35,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import AGENT_VERSION
-from agent.enrollment import enroll
 from agent.errors import AgentError, ConfigurationError, EnrollmentError
 from agent.handlers import default_handlers
 from agent.health import PsutilProbe
@@ -164,6 +163,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             agent_version=AGENT_VERSION,
             role=args.role,
         )
+        from agent.enrollment import enroll  # aiohttp (~11 MB resident): not for `run`
+
         response = asyncio.run(
             enroll(
                 server_url=settings.server_url,

@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import AGENT_VERSION
@@ -394,6 +393,8 @@ class CommandRunner:
             context = pinned_server_context(ca_pem)
         except StateError as exc:
             raise CommandFailed(str(exc), code="upload_failed") from exc
+        import aiohttp  # ~11 MB resident: only an agent that uploads logs pays for it
+
         timeout = aiohttp.ClientTimeout(total=self._settings.http_timeout_s)
         headers = {
             "Authorization": f"Bearer {token}",

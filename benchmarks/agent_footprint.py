@@ -5,7 +5,9 @@
 
 The control plane runs in its own process on embedded defaults (SQLite, built-in CA, embedded
 broker). One agent is enrolled with `storefleet-agent enroll` and started with
-`storefleet-agent run` (health interval as the control plane hands it out, 30 s by default).
+`storefleet-agent run` (health interval as the control plane hands it out, 30 s by default),
+from `.venv-agent/`: a venv with only `pip install -e '.[agent]'`, as on a store device (made
+on first use; `--dev-venv` runs the development venv's agent instead).
 Once it has applied its first configuration, psutil measures the agent process: RSS and USS,
 and CPU as % of one core, over an idle window and then over a window in which the store's
 configuration is replaced every --churn-interval seconds. The measuring phase holds an
@@ -31,10 +33,29 @@ import psutil
 
 from benchmarks.common import control_plane_process, emit_report, measuring_lock
 
-BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+# The agent as a store device installs it: `pip install '.[agent]'` only. The development venv
+# also holds numpy (for the simulator's plots), which sqlite-utils imports when it is there.
+AGENT_VENV = REPO / ".venv-agent"
 STORE_ID = "BENCH-AGENT-0001"
 GOAL_RSS_MB = 40.0
 GOAL_IDLE_CPU_PERCENT = 0.5
+
+
+def agent_bin_dir(*, dev_venv: bool) -> Path:
+    """The bin/ of a venv with only the `[agent]` extra (made or refreshed here), or of this one."""
+    if dev_venv:
+        return Path(sys.executable).parent
+    stamp = AGENT_VENV / ".installed"
+    if not stamp.exists() or stamp.stat().st_mtime < (REPO / "pyproject.toml").stat().st_mtime:
+        print(f"installing the agent alone into {AGENT_VENV} (pip install -e '.[agent]')", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(AGENT_VENV)], check=True)  # noqa: S603
+        subprocess.run(  # noqa: S603 - fixed arguments
+            [str(AGENT_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[agent]"],
+            check=True,
+        )
+        stamp.touch()
+    return AGENT_VENV / "bin"
 
 
 def agent_env(token: str | None = None, health_interval: float | None = None) -> dict[str, str]:
@@ -148,9 +169,18 @@ def churn_window(
 
 
 def run(
-    idle_seconds: float, churn_seconds: float, churn_interval: float, health_interval: float | None
+    idle_seconds: float,
+    churn_seconds: float,
+    churn_interval: float,
+    health_interval: float | None,
+    *,
+    dev_venv: bool = False,
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {"benchmark": "agent_footprint"}
+    bin_dir = agent_bin_dir(dev_venv=dev_venv)
+    report: dict[str, Any] = {
+        "benchmark": "agent_footprint",
+        "agent_install": "development venv" if dev_venv else "pip install '.[agent]' only",
+    }
     with (
         control_plane_process() as server,
         server.client() as api,
@@ -163,7 +193,7 @@ def run(
         state_dir = Path(tmp) / "agent"
         subprocess.run(  # noqa: S603 - our own console script, fixed arguments
             [
-                str(BIN / "storefleet-agent"),
+                str(bin_dir / "storefleet-agent"),
                 "enroll",
                 "--server",
                 server.url,
@@ -182,7 +212,7 @@ def run(
         log_path = Path(tmp) / "agent.log"
         with log_path.open("wb") as log:
             agent = subprocess.Popen(  # noqa: S603 - our own console script, fixed arguments
-                [str(BIN / "storefleet-agent"), "run", "--state-dir", str(state_dir)],
+                [str(bin_dir / "storefleet-agent"), "run", "--state-dir", str(state_dir)],
                 env=agent_env(None, health_interval),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -275,9 +305,20 @@ def main() -> None:
         default=None,
         help="STOREFLEET_AGENT_HEALTH_INTERVAL_S for the agent (default: what the control plane hands out)",
     )
+    parser.add_argument(
+        "--dev-venv",
+        action="store_true",
+        help="run the agent from this (development) venv instead of a venv with only the [agent] extra",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = run(args.idle_seconds, args.churn_seconds, args.churn_interval, args.health_interval)
+    report = run(
+        args.idle_seconds,
+        args.churn_seconds,
+        args.churn_interval,
+        args.health_interval,
+        dev_venv=args.dev_venv,
+    )
     report["python"] = f"{platform.python_implementation()} {platform.python_version()}"
     report["command"] = shlex.join(["python", "-m", "benchmarks.agent_footprint", *sys.argv[1:]])
     emit_report(report, args.json)
