@@ -11,8 +11,11 @@ one statement per kind, so the database sees batches, never one statement per me
   on PostgreSQL, executemany on SQLite), out-of-order ones included.
 
 Ordering and replays: a health report whose `seq` is not above the device's stored
-`health_seq` (an agent's outbox backlog, a replay) still proves the device alive and still
-goes to the history, but it never overwrites the device's latest health. The history keeps
+`health_seq` (a late report) still proves the device alive and still goes to the history,
+but it never overwrites the device's latest health. A report delivered twice (a QoS 1
+backlog batch sent again after its session dropped) proves the device alive and nothing
+else: it is counted (`history_duplicates`), not stored again and its `dropped` not added
+again (`control_plane.health.replay`). The history keeps
 the device's own `at`, capped at the receive time (a clock running ahead cannot make a
 sample look newer than it is). Liveness (`last_seen_at`, `online`) uses the time *we*
 received a message, never the device's clock.
@@ -41,6 +44,7 @@ from control_plane.aio import wait_event
 from control_plane.audit import AuditEvent, AuditLog, Outcome
 from control_plane.clock import utc_now
 from control_plane.db.schema import UTCDateTime, devices, health_history
+from control_plane.health.replay import SeenSequences
 from protocol.errors import InvalidMessage, ProtocolError
 from protocol.messages import (
     MAX_NESTING_DEPTH,
@@ -135,6 +139,9 @@ class Ingest:
         self._status: dict[str, DeviceStatus] = {}
         self._received: dict[tuple[TopicKind, str], datetime] = {}
         self._store_of: dict[str, str] = {}
+        # Forgotten with the store cache: a device re-enrolled through another replica (its
+        # sequence started again) is judged afresh within `device_cache_s`.
+        self._seen = SeenSequences()
         self._store_cache_at = time.monotonic()
         self._wakeup = asyncio.Event()
         self._in_flight = 0  # taken by the flush that is writing now
@@ -148,6 +155,8 @@ class Ingest:
         self.history_ignored = 0
         # Reports not kept because the database stayed unavailable and the buffer was full.
         self.history_overflow = 0
+        # Reports delivered a second time (same device and seq): not stored again.
+        self.history_duplicates = 0
         self._on_renewal: Callable[[RenewalRequest], None] | None = None
         self._on_command_result: Callable[[CommandResult], None] | None = None
         self._on_online: Callable[[str], None] | None = None
@@ -163,6 +172,10 @@ class Ingest:
         are online to `on_online` (open commands are sent again); neither may block."""
         self._on_command_result = handler
         self._on_online = on_online
+
+    def forget_sequence(self, device_id: str) -> None:
+        """The device was re-enrolled: its health sequence may start again."""
+        self._seen.forget(device_id)
 
     @property
     def pending(self) -> int:
@@ -249,6 +262,9 @@ class Ingest:
             self.coalesced += 1
             if report.seq > previous.seq:
                 self._health[device_id] = report
+        if not self._seen.first_time(device_id, report.seq):
+            self.history_duplicates += 1
+            return
         if report.dropped:
             self._dropped[device_id] += report.dropped
         if len(self._history) >= self._max_pending_history:
@@ -374,6 +390,7 @@ class Ingest:
         """device id → store id for the active ones among `device_ids` (cached)."""
         if time.monotonic() - self._store_cache_at > self._device_cache_s:
             self._store_of, self._store_cache_at = {}, time.monotonic()
+            self._seen.clear()
         missing = [d for d in device_ids if d not in self._store_of]
         if missing:
             async with self._engine.connect() as conn:

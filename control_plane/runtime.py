@@ -280,6 +280,7 @@ class ControlPlane:
         )
         provisioning.on_change = provisioning_worker.wake
         enrollment.on_enrolled = lambda _store_id: provisioning_worker.wake()
+        enrollment.on_reenrolled = ingest.forget_sequence
         self._services = Services(
             engine=engine,
             read_engine=read_engine,

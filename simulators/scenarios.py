@@ -50,6 +50,9 @@ ROLES = ("pos", "tablet", "kiosk", "backoffice")
 POLL_S = 0.1
 API_CONCURRENCY = 16
 _ACCEPTED = re.compile(r'^storefleet_ingest_accepted_total\{kind="(\w+)"\} (\S+)$', re.M)
+_DUPLICATES = re.compile(
+    r'^storefleet_health_history_rows_total\{outcome="duplicate_not_stored"\} (\S+)$', re.M
+)
 
 
 class ScenarioError(RuntimeError):
@@ -209,7 +212,10 @@ class Driver:
 
     async def _ingest_accepted(self, api: httpx.AsyncClient) -> dict[str, float]:
         text = (await api.get("/metrics")).raise_for_status().text
-        return {kind: float(value) for kind, value in re.findall(_ACCEPTED, text)}
+        counts = {kind: float(value) for kind, value in re.findall(_ACCEPTED, text)}
+        duplicates = _DUPLICATES.search(text)
+        counts["duplicates_not_stored"] = float(duplicates.group(1)) if duplicates else 0.0
+        return counts
 
     async def _until(self, what: str, done: Callable[[], bool], limit_s: float | None = None) -> bool:
         deadline = time.monotonic() + (limit_s or self.config.timeout_s)
@@ -269,10 +275,9 @@ class Driver:
                 elif config.scenario == "chaos":
                     assert plan is not None
                     report["chaos"] = await self._chaos(api, pool, store_ids, plan)
-                accepted_before = self.phases.get("health_accepted_before", 0.0)
             finally:
                 await pool.stop()
-            report["health"] = await self._health_accounting(api, store_ids, accepted_before)
+            report["health"] = await self._health_accounting(api, store_ids)
         report["simulator"] = self._simulator_figures()
         report["control_plane_process"] = _process_delta(cp_start, _process_figures(self.target.processes))
         report["errors"] = self.recorder.errors
@@ -363,7 +368,9 @@ class Driver:
         self, api: httpx.AsyncClient, pool: ShardPool, store_ids: list[str]
     ) -> dict[str, Any]:
         config = self.config
-        self.phases["health_accepted_before"] = (await self._ingest_accepted(api)).get("health", 0.0)
+        before = await self._ingest_accepted(api)
+        self.phases["health_accepted_before"] = before.get("health", 0.0)
+        self.phases["duplicates_not_stored_before"] = before["duplicates_not_stored"]
         self._phase("enroll", config.devices)
         enroll_started = time.monotonic()
         await pool.enroll()
@@ -573,18 +580,19 @@ class Driver:
             "change": change,
         }
 
-    async def _health_accounting(
-        self, api: httpx.AsyncClient, store_ids: list[str], accepted_before: float
-    ) -> dict[str, Any]:
+    async def _health_accounting(self, api: httpx.AsyncClient, store_ids: list[str]) -> dict[str, Any]:
         """After the agents stopped: health reports they sent vs what the control plane accepted."""
+        accepted_before = self.phases.get("health_accepted_before", 0.0)
         per_device = self.recorder.per_device_final()
         sent = sum(d["health_published"] for d in per_device.values())
         # The last reports may still be on their way: wait until all arrived, or the count
         # stood still for a second (some were lost), at most 10 s.
         accepted, previous, still_since = 0.0, -1.0, time.monotonic()
+        counts: dict[str, float] = {}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            accepted = (await self._ingest_accepted(api)).get("health", 0.0) - accepted_before
+            counts = await self._ingest_accepted(api)
+            accepted = counts.get("health", 0.0) - accepted_before
             if accepted >= sent or time.monotonic() - still_since > 1.0:
                 break
             if accepted != previous:
@@ -604,7 +612,14 @@ class Driver:
             "sent": sent,
             "accepted_by_control_plane": int(accepted),
             "lost": max(0, int(sent - accepted)),
+            # Delivered more often than sent: a publish that failed on our side (session lost
+            # before its PUBACK) but reached the broker, and was sent again.
             "duplicated": max(0, int(accepted - sent)),
+            # Copies the control plane recognised and did not store again.
+            "duplicates_not_stored": int(
+                counts.get("duplicates_not_stored", 0.0)
+                - self.phases.get("duplicates_not_stored_before", 0.0)
+            ),
             "devices_whose_last_report_is_not_in_the_database": len(last_seq_mismatch),
             "qos": 0,
         }

@@ -108,6 +108,7 @@ async def _health_metrics(services: Services, registry: CollectorRegistry) -> No
         ("written", ingest.history_written),
         ("ignored_inactive_device", ingest.history_ignored),
         ("dropped_buffer_full", ingest.history_overflow),
+        ("duplicate_not_stored", ingest.history_duplicates),
         ("deleted_retention", health.history.deleted),
     ):
         history.labels(outcome=outcome).inc(count)

@@ -70,6 +70,8 @@ class EnrollmentService:
         self._clock = clock
         # Told the store id of each new enrollment (the provisioning saga wakes up on it).
         self.on_enrolled: Callable[[str], None] | None = None
+        # Called with the device id after a re-enrollment (its health sequence may restart).
+        self.on_reenrolled: Callable[[str], None] | None = None
 
     # --- tokens ------------------------------------------------------------------------
 
@@ -285,6 +287,8 @@ class EnrollmentService:
         self._publisher.request_refresh([device_id])
         if self.on_enrolled is not None:
             self.on_enrolled(token.store_id)
+        if token.device_id is not None and self.on_reenrolled is not None:
+            self.on_reenrolled(device_id)
         return EnrollmentResponse(
             device_id=device_id,
             store_id=token.store_id,

@@ -1,8 +1,10 @@
 """The health history: reads for the API, and retention in bounded batches.
 
-Ingest appends one row per report (`control_plane.ingest`). History is at-least-once: a
-report an agent re-sends (a lost acknowledgement) can be stored twice; reads collapse rows
-with the same seq, so a device's history shows each report once.
+Ingest appends one row per report (`control_plane.ingest`) and does not store a report an
+agent re-sent (a lost acknowledgement) again when it recognises it (`health.replay`). One can
+still be stored twice when the copies reach different replicas or straddle the ingest's
+periodic reset, so reads collapse rows with the same seq: a device's history shows each
+report once.
 """
 
 from __future__ import annotations

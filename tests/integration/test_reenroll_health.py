@@ -1,5 +1,6 @@
 """A device re-enrolled with its state wiped starts its health sequence again, and the
-control plane takes its reports (it would otherwise ignore every seq below the old one)."""
+control plane takes its reports into the device row and the history (it would otherwise
+ignore every seq below the old one, or take them for duplicates)."""
 
 from __future__ import annotations
 
@@ -44,4 +45,7 @@ async def test_health_from_a_wiped_and_reenrolled_device_is_taken(embedded: Runn
             first.device_id, lambda d: 0 < (d["health"] or {}).get("seq", old_seq) < old_seq
         )
     assert view["health_at"] is not None
+    # The history has the new reports too (not taken for re-sent copies of the old seqs).
+    history = (await embedded.api.get(f"/v1/devices/{first.device_id}/health-history")).json()
+    assert history[0]["seq"] == view["health"]["seq"] < old_seq
     state.close()

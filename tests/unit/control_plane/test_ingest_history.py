@@ -143,6 +143,44 @@ async def test_failing_check_makes_the_device_unhealthy_and_is_kept_by_name(inge
     assert not any(r.healthy for r in rows)
 
 
+async def test_a_report_delivered_twice_is_stored_and_its_drops_counted_once(ingest):
+    # A QoS 1 backlog batch whose session dropped after the broker had the first two reports:
+    # the agent sends the whole batch again after the reconnect; the first carries `dropped`.
+    batch = [_health("dev-abc", 7, dropped=4), _health("dev-abc", 8), _health("dev-abc", 9)]
+    for payload in batch[:2]:
+        ingest.handle("sf/v1/dev/dev-abc/health", payload)
+    await ingest.flush()
+    seen_before = (await _device(ingest, "dev-abc")).last_seen_at
+    for payload in batch:
+        ingest.handle("sf/v1/dev/dev-abc/health", payload)
+    ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", 5))  # late, never seen: kept
+    await ingest.flush()
+
+    assert [r.seq for r in await _history(ingest)] == [5, 7, 8, 9]
+    assert ingest.history_duplicates == 2
+    assert ingest.history_written == 4
+    device = await _device(ingest, "dev-abc")
+    assert (device.health_seq, device.health_dropped) == (9, 4)
+    assert device.last_seen_at > seen_before  # a duplicate still proves the device alive
+
+
+async def test_a_reenrolled_device_starting_its_sequence_again_is_stored(ingest):
+    for seq in (0, 1, 2):
+        ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", seq))
+    ingest.forget_sequence("dev-abc")  # what enrollment calls after a re-enrollment
+    for seq in (0, 1):
+        ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", seq, cpu_percent=50))
+    await ingest.flush()
+    assert [(r.seq, r.cpu_percent) for r in await _history(ingest)] == [
+        (0, 1),
+        (0, 50),
+        (1, 1),
+        (1, 50),
+        (2, 1),
+    ]
+    assert ingest.history_duplicates == 0
+
+
 async def test_future_device_clock_is_capped_at_receive_time(ingest):
     future = (NOW + timedelta(days=2)).isoformat()
     ingest.handle("sf/v1/dev/dev-abc/health", _health("dev-abc", 1, at=future))
