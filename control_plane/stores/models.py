@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from control_plane.desired.layers import ConfigLayer
@@ -70,6 +70,48 @@ class StoreCreate(StoreConfig):
         return self.template_id is not None and self.provision is not False
 
 
+class StorePatch(BaseModel):
+    """A change to the store itself (not its configuration layer): the fields sent replace
+    theirs; `null` clears `region` or `trading_hours` (no trading hours: always in a
+    maintenance window)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = None
+    region: Annotated[str, Field(max_length=64)] | None = None
+    trading_hours: dict[str, Any] | None = Field(
+        default=None,
+        description="day or day range → 'HH:MM-HH:MM' | '00:00-24:00' | 'closed'.",
+        examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}, {"mon-sun": "closed"}],
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        return known_zone(value)
+
+    @field_validator("trading_hours")
+    @classmethod
+    def _normal_hours(cls, value: Any) -> Any:
+        return normal_trading_hours(value)
+
+    @model_validator(mode="after")
+    def _something_and_nothing_unclearable(self) -> StorePatch:
+        if not self.model_fields_set:
+            raise PydanticCustomError(
+                "empty_patch", "send at least one of name, timezone, region, trading_hours"
+            )
+        for field in ("name", "timezone"):
+            if field in self.model_fields_set and getattr(self, field) is None:
+                raise PydanticCustomError("not_nullable", "{field} cannot be cleared", {"field": field})
+        return self
+
+    def values(self) -> dict[str, Any]:
+        """The columns to write: only the fields that were sent."""
+        return {field: getattr(self, field) for field in sorted(self.model_fields_set)}
+
+
 class StoreView(BaseModel):
     id: str
     name: str
@@ -78,7 +120,10 @@ class StoreView(BaseModel):
     config: dict[str, Any]
     policies: dict[str, Any]
     checks: dict[str, Any] = Field(default_factory=dict)
-    config_revision: int = Field(description='the ETag of the store layer is "r<config_revision>"')
+    config_revision: int = Field(
+        description='the store\'s ETag is "r<config_revision>"; it changes with its configuration layer '
+        "and with its own fields (PATCH)"
+    )
     device_count: int
     status: str = Field(description="provisioning, ready, degraded, offline or decommissioned")
     status_changed_at: datetime | None

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response, status
 from control_plane.api.deps import OperatorDep, ServicesDep
 from control_plane.api.preconditions import expected_revision, set_etag
 from control_plane.enrollment.models import TokenCreate, TokenCreated, TokenView
-from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StoreView
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StorePatch, StoreView
 
 router = APIRouter(prefix="/v1/stores", tags=["stores"])
 
@@ -32,6 +32,23 @@ async def get_store(
 ) -> StoreView:
     """The store; its `ETag` header is the revision of its configuration layer (for If-Match)."""
     view = await services.stores.get(store_id)
+    set_etag(response, view.config_revision)
+    return view
+
+
+@router.patch("/{store_id}")
+async def update_store(
+    store_id: str,
+    patch: StorePatch,
+    services: ServicesDep,
+    operator: OperatorDep,
+    response: Response,
+    expected: Annotated[int | None, Depends(expected_revision)],
+) -> StoreView:
+    """Change the store's name, time zone, region or trading hours (e.g. holiday hours); the
+    fields sent replace theirs. Rollouts follow new trading hours within a tick. `If-Match`
+    with the store's `ETag` → 412 if it changed meanwhile."""
+    view = await services.stores.update(store_id, patch, actor=operator.name, expected_revision=expected)
     set_etag(response, view.config_revision)
     return view
 

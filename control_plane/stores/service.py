@@ -1,5 +1,5 @@
-"""Store rules: create (by hand, or from a template with provisioning), read, and change the
-store's configuration layer."""
+"""Store rules: create (by hand, or from a template with provisioning), read, change the
+store's configuration layer and its own fields."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control_plane.api.preconditions import etag_for
 from control_plane.audit import AuditEvent, AuditLog, Outcome
@@ -17,7 +17,7 @@ from control_plane.desired.publisher import DesiredStatePublisher
 from control_plane.enrollment.models import TokenCreated
 from control_plane.errors import Conflict, NotFound, PreconditionFailed
 from control_plane.provisioning.service import ProvisioningService
-from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StoreView
+from control_plane.stores.models import StoreConfig, StoreCreate, StoreCreated, StorePatch, StoreView
 from control_plane.templates.service import resolve_version
 
 _DEVICE_COUNT = sa.select(sa.func.count()).where(devices.c.store_id == stores.c.id).scalar_subquery()
@@ -136,34 +136,56 @@ class StoreService:
         another change came first); the check is part of the UPDATE, so two writers can't both win.
         """
         async with self._engine.begin() as conn:
-            where = [stores.c.id == store_id]
-            if expected_revision is not None:
-                where.append(stores.c.config_revision == expected_revision)
-            result = await conn.execute(
-                sa.update(stores)
-                .where(*where)
-                .values(
-                    config=layer.as_layer(),
-                    config_revision=stores.c.config_revision + 1,
-                    updated_at=self._clock(),
-                )
-            )
-            if result.rowcount == 0:
-                revision_now = sa.select(stores.c.config_revision).where(stores.c.id == store_id)
-                current = await conn.scalar(revision_now)
-                if current is None:
-                    raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
-                raise PreconditionFailed(
-                    f"store {store_id!r} configuration is at revision {current}, not {expected_revision}: "
-                    "read it again and re-apply your change",
-                    current_etag=etag_for(current),
-                )
+            await self._update_row(conn, store_id, {"config": layer.as_layer()}, expected_revision)
             await self._audit.record(
                 AuditEvent(action="store.set_config", outcome=Outcome.SUCCESS, actor=actor, target=store_id),
                 connection=conn,
             )
         await self._publisher.refresh_now_or_later(stores=[store_id])
         return await self.get(store_id)
+
+    async def update(
+        self, store_id: str, patch: StorePatch, *, actor: str, expected_revision: int | None = None
+    ) -> StoreView:
+        """Change the store's own fields (name, time zone, region, trading hours). Nothing is
+        sent to devices: these decide when rollouts may change them (maintenance windows), read
+        by the rollout driver on its next tick. Same If-Match rule as `set_config`."""
+        values = patch.values()
+        async with self._engine.begin() as conn:
+            await self._update_row(conn, store_id, values, expected_revision)
+            await self._audit.record(
+                AuditEvent(
+                    action="store.update",
+                    outcome=Outcome.SUCCESS,
+                    actor=actor,
+                    target=store_id,
+                    detail=values,
+                ),
+                connection=conn,
+            )
+        return await self.get(store_id)
+
+    async def _update_row(
+        self, conn: AsyncConnection, store_id: str, values: dict[str, Any], expected_revision: int | None
+    ) -> None:
+        """Write `values` and the next revision, only at `expected_revision` when given."""
+        where = [stores.c.id == store_id]
+        if expected_revision is not None:
+            where.append(stores.c.config_revision == expected_revision)
+        result = await conn.execute(
+            sa.update(stores)
+            .where(*where)
+            .values(**values, config_revision=stores.c.config_revision + 1, updated_at=self._clock())
+        )
+        if result.rowcount == 0:
+            current = await conn.scalar(sa.select(stores.c.config_revision).where(stores.c.id == store_id))
+            if current is None:
+                raise NotFound(f"store {store_id!r} does not exist", code="store_not_found")
+            raise PreconditionFailed(
+                f"store {store_id!r} is at revision {current}, not {expected_revision}: "
+                "read it again and re-apply your change",
+                current_etag=etag_for(current),
+            )
 
     async def _select(self, query: sa.Select[Any], params: dict[str, Any] | None = None) -> list[StoreView]:
         async with self._read_engine.connect() as conn:

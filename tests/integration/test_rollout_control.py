@@ -1,6 +1,7 @@
 """Rollout control over the API (embedded stack): validation errors name the field; pause,
 resume, manual rollback of a completed rollout; a device turning unhealthy after the apply;
-devices in trading stores deferred; the SSE event stream; a canary wave all offline pauses
+devices in trading stores deferred until the store closes (PATCH of its trading hours); the
+SSE event stream; a canary wave all offline pauses
 for lack of evidence until an operator resumes."""
 
 from __future__ import annotations
@@ -213,16 +214,60 @@ async def test_a_device_unhealthy_after_the_apply_fails_the_canary(tmp_path):
             await asyncio.wait_for(by_id[canary].wait_applied(3), 15)
 
 
-async def test_trading_stores_are_deferred_and_the_event_stream_reports_it(tmp_path):
-    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
-        always_open = {day: [["00:00", "24:00"]] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+async def test_store_fields_are_patched_under_if_match_and_bad_input_is_refused(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path) as cp:
         await cp.create_store("IT-ROM-0001", timezone="Europe/Rome")
-        from control_plane.db.schema import stores
+        etag = (await cp.api.get("/v1/stores/IT-ROM-0001")).headers["etag"]
+        for body, field in (
+            ({}, None),
+            ({"trading_hours": {"mon-fri": "09:00-18:00"}}, "trading_hours"),  # sat, sun unsaid
+            ({"timezone": "Europe/Rom"}, "timezone"),
+            ({"timezone": None}, None),
+            ({"name": "x", "colour": "red"}, "colour"),
+        ):
+            refused = await cp.api.patch("/v1/stores/IT-ROM-0001", json=body)
+            assert refused.status_code == 422, body
+            if field is not None:
+                assert refused.json()["error"]["fields"][0]["field"] == field
+        changed = await cp.api.patch(
+            "/v1/stores/IT-ROM-0001",
+            json={"name": "Roma Termini", "trading_hours": {"mon-sat": "08:00-21:00", "sun": "closed"}},
+            headers={"If-Match": etag},
+        )
+        assert changed.status_code == 200, changed.text
+        view = changed.json()
+        assert view["name"] == "Roma Termini"
+        assert view["trading_hours"]["mon"] == [["08:00", "21:00"]]
+        assert view["trading_hours"]["sun"] == []
+        assert changed.headers["etag"] != etag
+        stale = await cp.api.patch(
+            "/v1/stores/IT-ROM-0001", json={"region": "it"}, headers={"If-Match": etag}
+        )
+        assert stale.status_code == 412
+        # The configuration layer shares the store's ETag: a stale config write is refused too.
+        stale_config = await cp.api.put(
+            "/v1/stores/IT-ROM-0001/config", json={"config": {"a": 1}}, headers={"If-Match": etag}
+        )
+        assert stale_config.status_code == 412
+        cleared = (await cp.api.patch("/v1/stores/IT-ROM-0001", json={"trading_hours": None})).json()
+        assert cleared["trading_hours"] is None
+        assert cleared["name"] == "Roma Termini"
+        missing = await cp.api.patch("/v1/stores/XX-NOPE-0001", json={"name": "x"})
+        assert missing.status_code == 404
+        records = await cp.control_plane.services.audit.records(limit=50)
+        assert [r["detail"] for r in reversed(records) if r["action"] == "store.update"] == [
+            {"name": "Roma Termini", "trading_hours": view["trading_hours"]},
+            {"trading_hours": None},
+        ]
 
-        async with cp.control_plane.services.engine.begin() as conn:
-            await conn.execute(
-                stores.update().where(stores.c.id == "IT-ROM-0001").values(trading_hours=always_open)
-            )
+
+async def test_trading_stores_are_deferred_and_move_when_the_store_closes(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path, rollout_tick_s=0.1) as cp:
+        await cp.create_store("IT-ROM-0001", timezone="Europe/Rome")
+        opened = await cp.api.patch(
+            "/v1/stores/IT-ROM-0001", json={"trading_hours": {"daily": "00:00-24:00"}}
+        )
+        assert opened.status_code == 200, opened.text
         fleet = await _fleet(cp, tmp_path, 1)  # NL-AMS-0001: no trading hours → always in window
         from tests.support.agents import enroll_agent
 
@@ -252,6 +297,14 @@ async def test_trading_stores_are_deferred_and_the_event_stream_reports_it(tmp_p
             assert view["state"] == "running"
             assert view["states"] == {"deferred": 1, "healthy": 1}
             assert await _versions(cp, rome.device_id) == [1]
+
+            # The store closes (a holiday): its device moves on the next tick; the rollout ends.
+            closed = await cp.api.patch("/v1/stores/IT-ROM-0001", json={"trading_hours": {"daily": "closed"}})
+            assert closed.status_code == 200, closed.text
+            view = await _wait_rollout(cp, "ro-win", {"completed", "paused", "rolled_back"})
+            assert view["state"] == "completed"
+            assert view["states"] == {"healthy": 2}
+            assert await _versions(cp, rome.device_id) == [1, 2]
 
 
 async def test_a_rollout_can_target_static_and_dynamic_groups(tmp_path):
