@@ -37,12 +37,31 @@ class _Server:
         self.data_dir = data_dir
         self.port, self.mqtt_port = free_port(), free_port()
         self.process: subprocess.Popen[str] | None = None
+        self.starts = 0
 
     @property
     def base_url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start it and wait until it is ready. A first start whose port was taken meanwhile
+        (the free port was handed to someone else between probe and bind) tries new ports;
+        any other early exit fails with the server's own words."""
+        for _ in range(3):
+            log = self._spawn()
+            if self._ready():
+                return
+            said = log.read_text(errors="replace")
+            if self.starts > 1 or "address already in use" not in said.lower():
+                raise AssertionError(f"server exited early:\n{said[-3000:]}")
+            self.starts -= 1
+            self.port, self.mqtt_port = free_port(), free_port()
+        raise AssertionError("no free ports for the server")
+
+    def _spawn(self) -> Path:
+        self.starts += 1
+        log = self.data_dir.parent / f"serve-{self.starts}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("STOREFLEET_")}
         env |= {
             "STOREFLEET_ADMIN_KEY": ADMIN_KEY,
@@ -50,7 +69,12 @@ class _Server:
             "STOREFLEET_ROLLOUT_LEASE_TTL_S": "2",
             "STOREFLEET_INGEST_FLUSH_INTERVAL_S": "0.1",
         }
-        self.process = subprocess.Popen(
+        with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+            self.process = self._popen(env, stderr)
+        return log
+
+    def _popen(self, env: dict[str, str], stderr: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [
                 BIN / "storefleet",
                 "serve",
@@ -62,20 +86,25 @@ class _Server:
                 str(self.mqtt_port),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
             text=True,
             env=env,
         )
+
+    def _ready(self) -> bool:
+        """True once /readyz answers; False if the process exited first."""
+        assert self.process is not None
         deadline = time.monotonic() + 30
         ca_file = self.data_dir / "pki" / "ca.pem"
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, "server exited early"
+            if self.process.poll() is not None:
+                return False
             with contextlib.suppress(httpx.HTTPError, OSError):
                 if (
                     ca_file.exists()
                     and httpx.get(f"{self.base_url}/readyz", verify=self._tls()).status_code == 200
                 ):
-                    return
+                    return True
             time.sleep(0.2)
         raise AssertionError("server never became ready")
 
