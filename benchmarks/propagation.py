@@ -30,6 +30,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         devices_per_store=args.devices_per_store,
         procs=args.procs,
         changes=args.changes,
+        via="store-config",  # the raw path: one PUT per store, no rollout
         enroll_concurrency=args.enroll_concurrency,
         timeout_s=args.timeout,
         seed=args.seed,

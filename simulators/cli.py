@@ -55,9 +55,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     helps = {
         "provision": "S stores x D devices enroll, connect and apply their configuration",
         "steady": "agents report health at an interval; sent vs accepted, simulator cost per agent",
-        "rollout": "a configuration change for every store; propagation to every device",
+        "rollout": "a release rolled out to every store (or a store configuration change); propagation",
         "storm": "the broker restarts; everyone reconnects at once",
-        "chaos": "random disconnects, devices offline, apply failures, slow devices; a change amid it",
+        "chaos": "random disconnects, devices offline, apply failures, slow devices, trading stores; "
+        "a rollout amid it",
     }
     for name in SCENARIOS:
         scenario = sub.add_parser(name, help=helps[name])
@@ -66,6 +67,13 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
             scenario.add_argument("--duration", type=float, default=10.0, help="seconds")
         if name == "rollout":
             scenario.add_argument("--changes", type=int, default=1, help="configuration changes, in turn")
+            scenario.add_argument(
+                "--via",
+                choices=("release", "store-config"),
+                default="release",
+                help="ship each change as a release and a rollout (default), or as "
+                "PUT /v1/stores/{id}/config per store",
+            )
         if name == "storm":
             scenario.add_argument("--downtime", type=float, default=1.0, help="seconds the broker is down")
         if name == "chaos":
@@ -81,6 +89,13 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
             scenario.add_argument("--failure-rate", type=float, default=rates.apply_failure_rate)
             scenario.add_argument("--slow-fraction", type=float, default=rates.slow_fraction)
             scenario.add_argument("--slow-seconds", type=float, default=rates.slow_apply_s)
+            scenario.add_argument(
+                "--trading-fraction",
+                type=float,
+                default=rates.trading_fraction,
+                help="share of stores open for trading until the end of the phase (the change's "
+                "rollout defers their devices until they close)",
+            )
         if defaults:
             scenario.set_defaults(**defaults)
     return parser
@@ -115,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             apply_failure_rate=args.failure_rate,
             slow_fraction=args.slow_fraction,
             slow_apply_s=args.slow_seconds,
+            trading_fraction=args.trading_fraction,
         )
     return SimConfig(
         scenario=args.scenario,
@@ -127,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         duration_s=getattr(args, "duration", 10.0),
         health_interval_s=args.interval,
         changes=getattr(args, "changes", 1),
+        via=getattr(args, "via", "release"),
         downtime_s=getattr(args, "downtime", 1.0),
         chaos=chaos,
         quiet=args.quiet,

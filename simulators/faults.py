@@ -1,9 +1,10 @@
 """The seeded fault plan of the `chaos` scenario: the same seed gives the same plan.
 
 Per-device behaviour (apply failure rate, slow applies) is decided once per device index;
-timed faults (a disconnect, a period offline) are listed with their start time. The plan
-depends only on the seed, the fleet size and the rates, never on how the fleet is split
-across processes, so `--procs 1` and `--procs 4` inject the same faults.
+timed faults (a disconnect, a period offline) are listed with their start time; some stores
+are trading (open) through the phase and close at its end. The plan depends only on the seed,
+the fleet size and the rates, never on how the fleet is split across processes, so
+`--procs 1` and `--procs 4` inject the same faults.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ class ChaosRates:
     apply_failure_rate: float = 0.05
     slow_fraction: float = 0.1
     slow_apply_s: float = 0.5
+    # Stores open for trading through the phase (round(fraction x stores) of them): the
+    # rollout must defer their devices until they close at its end.
+    trading_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("offline_fraction", "apply_failure_rate", "slow_fraction"):
+        for name in ("offline_fraction", "apply_failure_rate", "slow_fraction", "trading_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
         for name in ("duration_s", "disconnects_per_device_minute", "offline_s", "slow_apply_s"):
@@ -57,12 +61,14 @@ class DeviceBehaviour:
 class FaultPlan:
     behaviours: tuple[DeviceBehaviour, ...]
     faults: tuple[Fault, ...]
+    trading_stores: tuple[int, ...] = ()  # store indexes open through the phase
 
     def digest(self) -> str:
         """A short fingerprint of the plan: equal seeds and rates give equal digests."""
         document = {
             "behaviours": [asdict(b) for b in self.behaviours],
             "faults": [{**asdict(f), "kind": f.kind.value} for f in self.faults],
+            "trading_stores": list(self.trading_stores),
         }
         return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -72,6 +78,7 @@ class FaultPlan:
             "offline_periods": sum(1 for f in self.faults if f.kind is FaultKind.OFFLINE),
             "slow_devices": sum(1 for b in self.behaviours if b.apply_delay_s > 0),
             "devices_with_failing_applies": sum(1 for b in self.behaviours if b.apply_failure_rate > 0),
+            "trading_stores": len(self.trading_stores),
         }
 
 
@@ -79,7 +86,7 @@ def no_faults(devices: int) -> FaultPlan:
     return FaultPlan(behaviours=(DeviceBehaviour(),) * devices, faults=())
 
 
-def plan_faults(devices: int, rates: ChaosRates, seed: int) -> FaultPlan:
+def plan_faults(devices: int, rates: ChaosRates, seed: int, *, stores: int = 1) -> FaultPlan:
     # Fault injection, not security: a seeded PRNG makes runs reproducible.
     rng = random.Random(f"storefleet-chaos-{seed}")  # noqa: S311
     behaviours = []
@@ -102,4 +109,5 @@ def plan_faults(devices: int, rates: ChaosRates, seed: int) -> FaultPlan:
             start = rng.uniform(0.0, max(0.0, rates.duration_s - rates.offline_s))
             faults.append(Fault(round(start, 3), index, FaultKind.OFFLINE, rates.offline_s))
     faults.sort(key=lambda f: (f.at_s, f.device_index))
-    return FaultPlan(behaviours=tuple(behaviours), faults=tuple(faults))
+    trading = sorted(rng.sample(range(stores), round(stores * rates.trading_fraction)))
+    return FaultPlan(behaviours=tuple(behaviours), faults=tuple(faults), trading_stores=tuple(trading))

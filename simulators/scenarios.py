@@ -30,6 +30,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,12 @@ logger = logging.getLogger(__name__)
 
 SCENARIOS = ("provision", "steady", "rollout", "storm", "chaos")
 ROLES = ("pos", "tablet", "kiosk", "backoffice")
+# chaos stores' time zones (trading hours are wall-clock times in them): whole, half and
+# quarter-hour offsets, both hemispheres.
+STORE_ZONES = ("Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Sydney", "Asia/Kathmandu")
 POLL_S = 0.1
 API_CONCURRENCY = 16
+VIAS = ("release", "store-config")
 _ACCEPTED = re.compile(r'^storefleet_ingest_accepted_total\{kind="(\w+)"\} (\S+)$', re.M)
 _DUPLICATES = re.compile(
     r'^storefleet_health_history_rows_total\{outcome="duplicate_not_stored"\} (\S+)$', re.M
@@ -71,6 +76,9 @@ class SimConfig:
     duration_s: float = 10.0  # steady and chaos
     health_interval_s: float | None = None  # None: the control plane's (steady: 1 s)
     changes: int = 1  # rollout: configuration changes, one after the other
+    # rollout: "release" (a release and a rollout of it per change, as operators ship) or
+    # "store-config" (PUT /v1/stores/{id}/config for every store: the raw propagation path)
+    via: str = "release"
     downtime_s: float = 1.0  # storm: how long the broker stays down
     chaos: ChaosRates = field(default_factory=ChaosRates)
     reconnect_min_s: float = 0.2
@@ -90,6 +98,8 @@ class SimConfig:
             raise ScenarioError("duration and timeout must be positive")
         if self.health_interval_s is not None and self.health_interval_s <= 0:
             raise ScenarioError("interval must be positive")
+        if self.via not in VIAS:
+            raise ScenarioError(f"unknown --via {self.via!r}: one of {', '.join(VIAS)}")
 
     @property
     def devices(self) -> int:
@@ -249,7 +259,11 @@ class Driver:
             raise ScenarioError(
                 "storm restarts the broker: use the embedded control plane or a broker the caller can restart"
             )
-        plan = plan_faults(config.devices, config.chaos, config.seed) if config.scenario == "chaos" else None
+        plan = (
+            plan_faults(config.devices, config.chaos, config.seed, stores=config.stores)
+            if config.scenario == "chaos"
+            else None
+        )
         report: dict[str, Any] = {
             "scenario": config.scenario,
             "seed": config.seed,
@@ -293,7 +307,7 @@ class Driver:
             "reconnect_min_s": config.reconnect_min_s,
             "reconnect_max_s": config.reconnect_max_s,
         }
-        interval = config.health_interval_s or (1.0 if config.scenario == "steady" else None)
+        interval = config.health_interval_s or _default_health_interval(config)
         if interval is not None:
             agent_settings["health_interval_s"] = interval
         shards = min(config.procs, len(specs))
@@ -321,20 +335,23 @@ class Driver:
         run_id = f"{config.seed:04d}{int(time.time() * 10) % 1_000_000:06d}"
         gate = asyncio.Semaphore(API_CONCURRENCY)
 
+        trading = set(plan.trading_stores)
+
         async def store(index: int) -> tuple[str, str, str]:
             store_id = f"SIM-{run_id}-{index:05d}"
+            body: dict[str, Any] = {
+                "id": store_id,
+                "name": f"Simulated store {index}",
+                "config": {"store": {"number": index}},
+                "policies": {"screen_lock_timeout_s": 300},
+            }
+            if config.scenario == "chaos":
+                # Trading hours in the store's own time zone: open around the clock until the
+                # simulation closes it, or closed (in its maintenance window) from the start.
+                body["timezone"] = STORE_ZONES[index % len(STORE_ZONES)]
+                body["trading_hours"] = {"daily": "00:00-24:00" if index in trading else "closed"}
             async with gate:
-                (
-                    await api.post(
-                        "/v1/stores",
-                        json={
-                            "id": store_id,
-                            "name": f"Simulated store {index}",
-                            "config": {"store": {"number": index}},
-                            "policies": {"screen_lock_timeout_s": 300},
-                        },
-                    )
-                ).raise_for_status()
+                (await api.post("/v1/stores", json=body)).raise_for_status()
                 token = (
                     (
                         await api.post(
@@ -508,12 +525,18 @@ class Driver:
     async def _rollouts(self, api: httpx.AsyncClient, store_ids: list[str]) -> dict[str, Any]:
         changes = []
         for change in range(1, self.config.changes + 1):
-            figures, _, _ = await self._propagate(api, store_ids, change)
-            changes.append(figures)
-        return {
-            "what": "PUT /v1/stores/{id}/config for every store; per device: its store's change → applied",
-            "changes": changes,
+            if self.config.via == "release":
+                changes.append(await self._ship_release(api, store_ids, change))
+            else:
+                figures, _, _ = await self._propagate(api, store_ids, change)
+                changes.append(figures)
+        what = {
+            "release": "per change a release and a rollout of it to every store (one 100 % wave); "
+            "per device: rollout created → applied; the next change once the rollout finished",
+            "store-config": "PUT /v1/stores/{id}/config for every store; "
+            "per device: its store's change → applied",
         }
+        return {"what": what[self.config.via], "via": self.config.via, "changes": changes}
 
     async def _storm(self, api: httpx.AsyncClient, store_ids: list[str]) -> dict[str, Any]:
         assert self.target.storm is not None
@@ -554,6 +577,150 @@ class Driver:
             "change_after_storm": after,
         }
 
+    async def _ship_release(
+        self,
+        api: httpx.AsyncClient,
+        store_ids: list[str],
+        change: int,
+        *,
+        trading: frozenset[str] = frozenset(),
+        close_at: float | None = None,
+    ) -> dict[str, Any]:
+        """A change shipped as an operator would: a release and a rollout of it (one 100 % wave)
+        that respects trading hours. Devices of `trading` stores are deferred; those stores
+        close at `close_at` (their trading hours are changed to closed through the API), and
+        then their devices move too. Figures: as for a store configuration change (latency
+        counted from the rollout, or from the closing for trading stores), plus the rollout's
+        final state and, with trading stores, what the deferral did."""
+        config = self.config
+        baseline = self.recorder.versions()
+        self.baseline = baseline
+        self._phase(f"change {change}: applied", config.devices)
+        name = f"{store_ids[0].rsplit('-', 1)[0].lower()}-{config.scenario}-{change}"
+        release = {
+            "id": name,
+            "name": f"simulated change {change} ({config.scenario})",
+            "layer": {
+                "config": {"simulation": {"change": change}},
+                "policies": {"screen_lock_timeout_s": 300 + change},
+            },
+        }
+        patience = config.timeout_s + (config.chaos.duration_s + config.chaos.offline_s if trading else 0)
+        rollout = {
+            "id": name,
+            "release_id": name,
+            "selector": {"stores": store_ids},
+            "plan": {
+                "waves": [{"percent": 100}],
+                "window": "closed_hours",
+                "bake_s": 0.5,
+                # Apply failures are counted (simulated or chaos), never a reason to stop.
+                "success_threshold": 0.0,
+                "failure_ratio": None,
+                "keep_known_good": False,
+                "apply_timeout_s": config.timeout_s,
+                "offline_skip_after_s": patience,
+            },
+        }
+        started = time.monotonic()
+        (await api.post("/v1/releases", json=release)).raise_for_status()
+        (await api.post("/v1/rollouts", json=rollout)).raise_for_status()
+        api_s = time.monotonic() - started
+        records = list(self.recorder.devices.values())
+
+        def moved(record: Any) -> bool:
+            return record.settled_after(baseline.get(record.device_id, 0)) is not None
+
+        open_settled = await self._until(
+            "the change to reach every device of the closed stores",
+            lambda: all(moved(r) for r in records if r.store_id not in trading),
+            patience,
+        )
+        closed_at = started
+        trading_figures: dict[str, Any] | None = None
+        if trading:
+            deferred_seen = (await self._rollout_states(api, name)).get("deferred", 0)
+            await self._sleep(max(0.0, (close_at or 0.0) - time.monotonic()))
+            changed_while_trading = sorted(r.device_id for r in records if r.store_id in trading and moved(r))
+            closed_at = time.monotonic()
+            for store_id in sorted(trading):
+                closing = {"trading_hours": {"daily": "closed"}}
+                (await api.patch(f"/v1/stores/{store_id}", json=closing)).raise_for_status()
+            trading_figures = {
+                "stores": len(trading),
+                "devices": sum(1 for r in records if r.store_id in trading),
+                "deferred_while_trading": deferred_seen,
+                "changed_while_trading": len(changed_while_trading),
+                "changed_while_trading_devices": changed_while_trading[:20],
+            }
+        settled = await self._until(
+            f"change {change} to reach every device",
+            lambda: self.recorder.settled_count(baseline) == config.devices,
+        )
+        all_settled = time.monotonic() - started
+        latencies: list[float] = []
+        after_closing: list[float] = []
+        failed = 0
+        for record in records:
+            outcome = record.settled_after(baseline.get(record.device_id, 0))
+            if outcome is None:
+                continue
+            if not outcome[2]:
+                failed += 1
+            elif record.store_id in trading:
+                latencies.append(outcome[1] - closed_at)
+                after_closing.append(outcome[1] - closed_at)
+            else:
+                latencies.append(outcome[1] - started)
+        reported = await self._until_reported(api, store_ids, self.recorder.versions())
+        finished = await self._rollout_finished(api, name, started)
+        self.series["rollout_progress"] = rollout_progress(self.recorder, baseline, started, time.monotonic())
+        self.series["latencies"][f"change {change} applied"] = latencies
+        figures: dict[str, Any] = {
+            "settled": open_settled and settled,
+            "applied": len(latencies),
+            "failed": failed,
+            "pending": config.devices - len(latencies) - failed,
+            "api_seconds": round(api_s, 3),
+            "all_applied_or_failed_seconds": round(all_settled, 3),
+            "propagation": summary(latencies),
+            "control_plane_reported_all_seconds": reported,
+            "rollout": {"id": name, **finished},
+        }
+        if trading_figures is not None:
+            figures["trading"] = {**trading_figures, "applied_after_closing": summary(after_closing)}
+        return figures
+
+    async def _rollout_states(self, api: httpx.AsyncClient, rollout_id: str) -> dict[str, int]:
+        view = (await api.get(f"/v1/rollouts/{rollout_id}")).raise_for_status().json()
+        return dict(view["states"])
+
+    async def _rollout_finished(
+        self, api: httpx.AsyncClient, rollout_id: str, started: float
+    ) -> dict[str, Any]:
+        """The rollout's state once it stopped moving (or at the timeout): state, counts and
+        seconds since `started` (the health gate included: a report after each apply)."""
+        deadline = time.monotonic() + self.config.timeout_s
+        while True:
+            view = (await api.get(f"/v1/rollouts/{rollout_id}")).raise_for_status().json()
+            if view["state"] not in ("scheduled", "running") or time.monotonic() > deadline:
+                elapsed = round(time.monotonic() - started, 3)
+                why: Counter[str] = Counter()
+                for state in ("failed", "timed_out", "skipped"):
+                    if view["states"].get(state):
+                        listed = await api.get(
+                            f"/v1/rollouts/{rollout_id}/devices", params={"state": state, "limit": 1000}
+                        )
+                        why.update(f"{state}: {d['reason']}" for d in listed.raise_for_status().json())
+                return {
+                    "state": view["state"],
+                    "reason": view.get("reason"),
+                    "states": view["states"],
+                    "why_not_healthy": dict(why.most_common()),
+                    "finished_seconds": elapsed,
+                }
+            await self._sleep(POLL_S)
+
     async def _chaos(
         self, api: httpx.AsyncClient, pool: ShardPool, store_ids: list[str], plan: FaultPlan
     ) -> dict[str, Any]:
@@ -562,11 +729,12 @@ class Driver:
         started = time.monotonic()
         await pool.start_faults(started)
         await self._sleep(config.chaos.duration_s / 3)
-        change, _, _ = await self._propagate(
+        change = await self._ship_release(
             api,
             store_ids,
             1,
-            settle_timeout=config.chaos.duration_s + config.chaos.offline_s + config.timeout_s,
+            trading=frozenset(store_ids[i] for i in plan.trading_stores),
+            close_at=started + config.chaos.duration_s,
         )
         # To the end of the plan (and a moment for its last faults to be reported).
         await self._sleep(max(0.0, started + config.chaos.duration_s - time.monotonic()) + 0.3)
@@ -693,17 +861,37 @@ def _process_delta(
     return figures
 
 
+def _default_health_interval(config: SimConfig) -> float | None:
+    """steady: 1 s; where a rollout's health gate waits for reports after each apply (chaos,
+    rollout via release): 1 s and 2 s; otherwise the control plane's (30 s by default)."""
+    if config.scenario in ("steady", "chaos"):
+        return 1.0
+    if config.scenario == "rollout" and config.via == "release":
+        return 2.0
+    return None
+
+
 def _verdict(report: dict[str, Any]) -> bool:
     if report["errors"] or not report["provision"]["converged"]:
         return False
     if report["scenario"] == "steady":
         return bool(report["health"]["lost"] == 0 and report["health"]["duplicated"] == 0)
     if report["scenario"] == "rollout":
-        return all(c["settled"] and c["failed"] == 0 for c in report["rollout"]["changes"])
+        # (a store configuration change has no rollout to complete)
+        finished = ("completed", None)
+        return all(
+            c["settled"] and c["failed"] == 0 and c.get("rollout", {}).get("state") in finished
+            for c in report["rollout"]["changes"]
+        )
     if report["scenario"] == "storm":
         return bool(report["storm"]["all_reconnected"] and report["storm"]["change_after_storm"]["settled"])
     if report["scenario"] == "chaos":
-        return bool(report["chaos"]["change"]["settled"])
+        change = report["chaos"]["change"]
+        return bool(
+            change["settled"]
+            and change.get("trading", {}).get("changed_while_trading", 0) == 0
+            and change["rollout"]["state"] == "completed"
+        )
     return True
 
 

@@ -54,11 +54,12 @@ async def accepted_health(stack: RunningControlPlane) -> float:
     return 0.0
 
 
+@pytest.mark.parametrize("via", ["release", "store-config"])
 async def test_rollout_report_matches_the_control_plane_and_draws_plots(
-    stack: RunningControlPlane, tmp_path: Path
+    stack: RunningControlPlane, tmp_path: Path, via: str
 ):
     config = SimConfig(
-        scenario="rollout", stores=4, devices_per_store=5, changes=2, plots_dir=tmp_path / "plots"
+        scenario="rollout", stores=4, devices_per_store=5, changes=2, via=via, plots_dir=tmp_path / "plots"
     )
     report = await run_scenario(config, target_of(stack))
 
@@ -74,6 +75,10 @@ async def test_rollout_report_matches_the_control_plane_and_draws_plots(
         propagation = change["propagation"]
         assert 0 < propagation["p50"] <= propagation["p99"] <= propagation["max"]
         assert change["control_plane_reported_all_seconds"] is not None
+        if via == "release":
+            assert change["rollout"]["state"] == "completed"
+            assert change["rollout"]["states"] == {"healthy": 20}
+    assert report["rollout"]["via"] == via
     # What the control plane recorded: 20 devices, each on its third version (first + 2 changes).
     for device in await our_devices(stack, 20):
         assert device["in_sync"] is True
@@ -166,6 +171,20 @@ async def test_chaos_is_deterministic_per_seed(embedded: RunningControlPlane):
         statuses = {d["id"]: d["apply_status"] for d in devices if d["store_id"] in report["store_ids"]}
         assert len(statuses) == 15
         assert set(statuses.values()) <= {"applied", "failed"}
+        # One store in four (of three: one) trades through the plan: its devices waited for it
+        # to close, then took the change; the rollout completed.
+        trading = change["trading"]
+        assert (trading["stores"], trading["devices"]) == (1, 5)
+        assert trading["deferred_while_trading"] == 5
+        assert trading["changed_while_trading"] == 0
+        assert trading["applied_after_closing"]["count"] > 0
+        assert change["rollout"]["state"] == "completed"
+        rollout = (await embedded.api.get(f"/v1/rollouts/{change['rollout']['id']}")).json()
+        assert rollout["state"] == "completed"
+        assert sum(rollout["states"].values()) == 15
+        assert set(rollout["states"]) <= {"healthy", "failed"}
+        store = (await embedded.api.get(f"/v1/stores/{report['store_ids'][0]}")).json()
+        assert store["trading_hours"] is not None
     assert first["chaos"]["plan_digest"] == again["chaos"]["plan_digest"]
     assert first["chaos"]["injected_faults"] == again["chaos"]["injected_faults"]
     other = await chaos(12)
