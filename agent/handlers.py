@@ -15,8 +15,11 @@ Two kinds:
     the store applications.
   - `EnvFileHandler`: ``storefleet.env`` from ``config.env`` (name → string), for systemd
     ``EnvironmentFile=`` and shells (``. storefleet.env``).
-  - `PolicyHandler`: ``policy.enforced.json`` from ``policies``, checked against `Policies`,
-    for the device's policy daemon.
+  - `PolicyHandler`: ``policy.enforced.json`` from ``policies``, checked against
+    `protocol.sections.Policies`, for the device's policy daemon.
+
+  The rules of ``config.env`` and ``policies`` live in `protocol.sections`: the control plane
+  checks layers, releases and rollouts against the same ones.
 
 * **Imperative handlers** (`ApplyHandler`): ``apply(desired)`` and ``revert(previous)``.
   `MemoryHandler` is one, for the simulator (faults and delays on demand).
@@ -30,27 +33,19 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol, runtime_checkable
-
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import ApplyError, InvalidConfig
 from agent.files import PUBLIC
+from protocol import sections
 from protocol.messages import DesiredState
 
 CONFIG_FILE = "config.json"
 POLICIES_FILE = "policies.json"
 ENV_FILE = "storefleet.env"
 ENFORCED_POLICY_FILE = "policy.enforced.json"
-
-ENV_KEY = "env"
-ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-MAX_ENV_VARIABLES = 256
-MAX_ENV_VALUE = 4096
-_ENV_FORBIDDEN = ("\n", "\r", "\0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,22 +106,12 @@ class FileConfigHandler:
 
 
 def env_variables(config: dict[str, Any]) -> dict[str, str]:
-    """``config.env`` checked: names like ``POS_CURRENCY``, string values on one line."""
-    env = config.get(ENV_KEY, {})
-    if not isinstance(env, dict):
-        raise InvalidConfig("config.env must be an object of NAME: value")
-    if len(env) > MAX_ENV_VARIABLES:
-        raise InvalidConfig(f"config.env has {len(env)} variables; at most {MAX_ENV_VARIABLES}")
-    for name, value in env.items():
-        if not ENV_NAME.match(name):
-            raise InvalidConfig(f"config.env: {name[:64]!r} is not a valid name (^[A-Z_][A-Z0-9_]*$)")
-        if not isinstance(value, str):
-            raise InvalidConfig(f"config.env.{name} must be a string, not {type(value).__name__}")
-        if any(char in value for char in _ENV_FORBIDDEN):
-            raise InvalidConfig(f"config.env.{name} contains a newline or NUL character")
-        if len(value) > MAX_ENV_VALUE:
-            raise InvalidConfig(f"config.env.{name} is longer than {MAX_ENV_VALUE} characters")
-    return dict(env)
+    """``config.env`` checked (`protocol.sections`): names like ``POS_CURRENCY``, string values
+    on one line."""
+    try:
+        return sections.env_variables(config)
+    except sections.SectionError as exc:
+        raise InvalidConfig(exc.message) from None
 
 
 def _quote(value: str) -> str:
@@ -157,52 +142,14 @@ class EnvFileHandler:
 
 # --- policies ----------------------------------------------------------------------------
 
-AppId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
-
-class Policies(BaseModel):
-    """The policies this agent enforces. A field left out (None) is not managed: the device
-    keeps its own default. Strict types: ``"300"`` is not a timeout, ``1`` is not ``true``.
-
-    Unknown policy names are not an error (a newer control plane may send policies this
-    agent does not know): they stay in ``policies.json`` and are listed as ``unenforced``.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    # Seconds of inactivity before the screen locks; 0 = never (kiosks).
-    screen_lock_timeout_s: Annotated[StrictInt, Field(ge=0, le=86_400)] | None = None
-    # Applications allowed to run; None = no restriction, [] = none.
-    allowed_apps: Annotated[list[AppId], Field(max_length=256)] | None = None
-    # Whether USB mass storage may be mounted.
-    usb_storage: StrictBool | None = None
-    # Lock the device to `kiosk_app`.
-    kiosk_mode: StrictBool | None = None
-    kiosk_app: AppId | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Policies:
-        if self.allowed_apps is not None and len(set(self.allowed_apps)) != len(self.allowed_apps):
-            raise ValueError("allowed_apps lists an application twice")
-        if self.kiosk_mode and self.kiosk_app is None:
-            raise ValueError("kiosk_mode needs kiosk_app")
-        allowed = self.allowed_apps
-        if self.kiosk_app is not None and allowed is not None and self.kiosk_app not in allowed:
-            raise ValueError("kiosk_app must be one of allowed_apps")
-        return self
-
-
-def parse_policies(policies: dict[str, Any]) -> tuple[Policies, list[str]]:
-    """The enforceable policies and the names of those this agent does not know."""
+def parse_policies(policies: dict[str, Any]) -> tuple[sections.Policies, list[str]]:
+    """The enforceable policies (`protocol.sections.Policies`) and the names of those this
+    agent does not know (not an error: they stay in ``policies.json``, listed as unenforced)."""
     try:
-        parsed = Policies.model_validate(policies)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        field = f"policies.{where}" if where else "policies"
-        raise InvalidConfig(f"{field}: {first['msg']}") from None
-    unknown = sorted(set(policies) - set(Policies.model_fields))
-    return parsed, unknown
+        return sections.parse_policies(policies)
+    except sections.SectionError as exc:
+        raise InvalidConfig(exc.message) from None
 
 
 class PolicyHandler:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from protocol.messages import AppCheck, CheckName
+from protocol.sections import SectionError, check_patch
 from protocol.signing import canonical_json
 
 SECTIONS = ("config", "policies", "checks")
@@ -34,6 +36,21 @@ class ConfigLayer(BaseModel):
     policies: dict[str, Any] = Field(default_factory=dict)
     checks: dict[CheckName, AppCheck | None] = Field(default_factory=dict)
 
+    # What the agents' handlers would refuse is refused here, where it can still be fixed
+    # (`protocol.sections`); combinations across layers are checked on each device's result
+    # when a rollout is planned.
+    @field_validator("config")
+    @classmethod
+    def _agents_accept_the_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        _accepted(lambda: check_patch({}, config))
+        return config
+
+    @field_validator("policies")
+    @classmethod
+    def _agents_accept_the_policies(cls, policies: dict[str, Any]) -> dict[str, Any]:
+        _accepted(lambda: check_patch(policies, {}))
+        return policies
+
     def as_layer(self) -> dict[str, dict[str, Any]]:
         """The stored JSON form (app checks with their defaults filled in)."""
         return {
@@ -44,6 +61,13 @@ class ConfigLayer(BaseModel):
                 for name, check in self.checks.items()
             },
         }
+
+
+def _accepted(check: Callable[[], None]) -> None:
+    try:
+        check()
+    except SectionError as exc:
+        raise PydanticCustomError("refused_by_agents", "{message}", {"message": exc.message}) from None
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -219,6 +219,15 @@ class PlanGroup(BaseModel):
     diff: list[DiffEntry]
 
 
+class PlanRefusal(BaseModel):
+    """Devices whose configuration with the release is one their agents would refuse."""
+
+    devices: int
+    example_device: str
+    field: str = Field(description="where in the merged document, e.g. policies.kiosk_app")
+    message: str
+
+
 class PlanWave(BaseModel):
     index: int
     devices: list[str]
@@ -231,3 +240,8 @@ class DryRunPlan(BaseModel):
     waves: list[PlanWave]
     unchanged: int = Field(description="targets whose effective configuration the release does not change")
     changes: list[PlanGroup]
+    refused: list[PlanRefusal] = Field(
+        default_factory=list,
+        description="devices whose agents would refuse the result (e.g. kiosk_mode without kiosk_app "
+        "once merged with their other layers): a rollout of this release to them is refused",
+    )

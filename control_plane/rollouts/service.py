@@ -29,6 +29,7 @@ from control_plane.rollouts.models import (
     DiffEntry,
     DryRunPlan,
     PlanGroup,
+    PlanRefusal,
     PlanWave,
     RolloutCreate,
     RolloutDeviceView,
@@ -39,6 +40,7 @@ from control_plane.rollouts.models import (
 )
 from control_plane.rollouts.selector import resolve_groups, selector_clause, targets_query
 from control_plane.rollouts.windows import in_window
+from protocol.sections import SectionError, check_document
 
 MAX_PLAN_DEVICES_LISTED = 1000
 FINAL_STATES = (RolloutState.COMPLETED, RolloutState.ROLLED_BACK)
@@ -63,6 +65,22 @@ class RolloutService:
     async def create(self, request: RolloutCreate, *, actor: str) -> RolloutView:
         now = self._clock()
         rollout_id = request.id or f"ro-{secrets.token_hex(6)}"
+        # Before the write transaction (it assembles every target's layers): a layer written
+        # in between is still checked by the agents themselves.
+        async with self._engine.connect() as conn:
+            release_layer = await _release_layer(conn, request.release_id)
+            groups_clause = await resolve_groups(conn, request.selector)
+            assembled = await assemble(conn, selector_clause(request.selector, groups_clause))
+        refused = _refusals(_changes(assembled, release_layer))
+        if refused:
+            first = refused[0]
+            total = sum(r.devices for r in refused)
+            raise InvalidInput(
+                f"field 'release_id': with this release {total} targeted devices would get a configuration "
+                f"their agents refuse (e.g. {first.example_device}: {first.message}); "
+                "see POST /v1/rollouts/plan",
+                code="refused_by_agents",
+            )
         async with self._engine.begin() as conn:
             await _release_layer(conn, request.release_id)
             targets = (await conn.execute(await targets_query(conn, request.selector))).all()
@@ -168,22 +186,10 @@ class RolloutService:
         for wave in plan_waves:
             wave.devices = wave.devices[:MAX_PLAN_DEVICES_LISTED]
             wave.deferred = wave.deferred[:MAX_PLAN_DEVICES_LISTED]
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-        examples: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
-        unchanged = 0
-        for item in assembled:
-            layers = [layer for _, layer in item.layers]
-            before = effective_state(*layers)
-            after = effective_state(*layers, release_layer)
-            key = (content_hash(before), content_hash(after))
-            if key[0] == key[1]:
-                unchanged += 1
-                continue
-            groups[key].append(item.device_id)
-            examples.setdefault(key, (before, after))
+        groups, examples, unchanged = _changes(assembled, release_layer)
         changes = [
             PlanGroup(devices=len(ids), example_device=ids[0], diff=_diff(*examples[key]))
-            for key, ids in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+            for key, ids in _largest_first(groups)
         ]
         return DryRunPlan(
             release_id=request.release_id,
@@ -191,6 +197,7 @@ class RolloutService:
             waves=plan_waves,
             unchanged=unchanged,
             changes=changes,
+            refused=_refusals((groups, examples, unchanged)),
         )
 
     # --- read ----------------------------------------------------------------------------
@@ -357,6 +364,55 @@ class RolloutService:
             )
         self.wake_driver()
         return await self.get(rollout_id)
+
+
+_ContentKey = tuple[str, str]  # content hashes before and after the release
+_Changes = tuple[dict[_ContentKey, list[str]], dict[_ContentKey, tuple[dict[str, Any], dict[str, Any]]], int]
+
+
+def _changes(assembled: Any, release_layer: Mapping[str, Any]) -> _Changes:
+    """Targets grouped by how the release changes them: device ids and one (before, after)
+    example per group, and how many it does not change."""
+    groups: dict[_ContentKey, list[str]] = defaultdict(list)
+    examples: dict[_ContentKey, tuple[dict[str, Any], dict[str, Any]]] = {}
+    unchanged = 0
+    # Devices of a store share its layer objects (template, role, store, groups): merge and
+    # hash once per distinct stack (2,708 stacks for 10,000 devices in benchmarks.issue).
+    by_stack: dict[tuple[int, ...], tuple[_ContentKey, dict[str, Any], dict[str, Any]]] = {}
+    for item in assembled:
+        stack = tuple(id(layer) for _, layer in item.layers)
+        if stack not in by_stack:
+            layers = [layer for _, layer in item.layers]
+            before = effective_state(*layers)
+            after = effective_state(*layers, release_layer)
+            by_stack[stack] = ((content_hash(before), content_hash(after)), before, after)
+        key, before, after = by_stack[stack]
+        if key[0] == key[1]:
+            unchanged += 1
+            continue
+        groups[key].append(item.device_id)
+        examples.setdefault(key, (before, after))
+    return groups, examples, unchanged
+
+
+def _largest_first(groups: dict[_ContentKey, list[str]]) -> list[tuple[_ContentKey, list[str]]]:
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+
+
+def _refusals(changes: _Changes) -> list[PlanRefusal]:
+    """The changed groups whose result the agents' handlers would refuse (`protocol.sections`),
+    checked once per distinct result."""
+    groups, examples, _ = changes
+    refused = []
+    for key, ids in _largest_first(groups):
+        after = examples[key][1]
+        try:
+            check_document(after["policies"], after["config"])
+        except SectionError as exc:
+            refused.append(
+                PlanRefusal(devices=len(ids), example_device=ids[0], field=exc.field, message=exc.message)
+            )
+    return refused
 
 
 async def _release_layer(conn: AsyncConnection, release_id: str) -> dict[str, Any]:

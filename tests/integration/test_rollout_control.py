@@ -35,6 +35,25 @@ async def test_bad_input_is_refused_with_the_field(tmp_path):
             "/v1/releases", json={"name": "x", "layer": {"policies": {"bad name!": 1}}}
         )
         assert policy.status_code == 422
+        # What the agents' handlers would refuse is refused here, naming the place.
+        for layer, message in (
+            ({"policies": {"screen_lock_timeout_s": "300"}}, "policies.screen_lock_timeout_s"),
+            ({"policies": {"allowed_apps": ["com.example.pos", "no spaces"]}}, "policies.allowed_apps.1"),
+            ({"config": {"env": {"pos_currency": "EUR"}}}, "config.env.pos_currency: not a valid name"),
+            ({"config": {"env": {"MOTD": "two\nlines"}}}, "config.env.MOTD contains a newline"),
+        ):
+            refused = await cp.api.post("/v1/releases", json={"name": "x", "layer": layer})
+            assert refused.status_code == 422, layer
+            assert message in refused.json()["error"]["message"], refused.text
+        # A null deletes (env variable or policy); unknown policy names are the agents' business.
+        await _release(
+            cp,
+            "r-deletes",
+            {"config": {"env": {"OLD": None}}, "policies": {"kiosk_mode": None, "vendor_x": 1}},
+        )
+        bad_store = await cp.api.put("/v1/stores/ES-MAD-0001/config", json={"policies": {"usb_storage": 1}})
+        assert bad_store.status_code == 422
+        assert bad_store.json()["error"]["fields"][0]["field"] == "policies"
         await _release(cp, "r1", {"config": {"a": 1}})
 
         async def create(**changes):
@@ -212,6 +231,42 @@ async def test_a_device_unhealthy_after_the_apply_fails_the_canary(tmp_path):
             failed = [d for e in events if e["kind"] == "devices" for d in e["detail"].get("devices", [])]
             assert failed == [{"device_id": canary, "state": "failed", "reason": "unhealthy after apply"}]
             await asyncio.wait_for(by_id[canary].wait_applied(3), 15)
+
+
+async def test_a_release_whose_result_agents_would_refuse_is_shown_in_the_plan_and_refused(tmp_path):
+    async with start_stack("embedded-sqlite", tmp_path) as cp:
+        # Kiosks of one store are locked to an app by their store layer; the other store's are not.
+        fleet = await _fleet(cp, tmp_path, 2)  # NL-AMS-0001
+        locked = await cp.create_store("NL-UTR-0001", policies={"kiosk_app": "com.example.kiosk"})
+        from tests.support.agents import enroll_agent
+
+        utrecht = await enroll_agent(cp, locked["id"], tmp_path / "utrecht")
+        await _release(cp, "r-kiosk", {"policies": {"kiosk_mode": True}})
+        everyone = {
+            "release_id": "r-kiosk",
+            "selector": {"stores": ["NL-AMS-0001", "NL-UTR-0001"]},
+            "plan": {**PLAN, "waves": [{"percent": 100}]},
+        }
+        plan = (await cp.api.post("/v1/rollouts/plan", json=everyone)).json()
+        assert plan["refused"] == [
+            {
+                "devices": 2,
+                "example_device": min(a.device_id for a in fleet),
+                "field": "policies",
+                "message": "policies: Value error, kiosk_mode needs kiosk_app",
+            }
+        ]
+        created = await cp.api.post("/v1/rollouts", json={**everyone, "id": "ro-kiosk"})
+        assert created.status_code == 422
+        assert created.json()["error"]["code"] == "refused_by_agents"
+        assert "2 targeted devices" in created.json()["error"]["message"]
+        assert (await cp.api.get("/v1/rollouts/ro-kiosk")).status_code == 404
+        # The store whose devices can take it: planned clean, created.
+        utrecht_only = {**everyone, "id": "ro-kiosk-utr", "selector": {"stores": ["NL-UTR-0001"]}}
+        assert (await cp.api.post("/v1/rollouts/plan", json=utrecht_only)).json()["refused"] == []
+        assert (await cp.api.post("/v1/rollouts", json=utrecht_only)).status_code == 201
+        devices = (await cp.api.get("/v1/rollouts/ro-kiosk-utr/devices")).json()
+        assert [d["device_id"] for d in devices] == [utrecht.device_id]
 
 
 async def test_store_fields_are_patched_under_if_match_and_bad_input_is_refused(tmp_path):
