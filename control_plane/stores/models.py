@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 from control_plane.desired.layers import ConfigLayer
 from control_plane.enrollment.models import TokenCreated
 from control_plane.provisioning.models import ProvisioningView
-from control_plane.templates.models import TemplateId, known_zone, normal_trading_hours
+from control_plane.templates.models import TemplateId, TimeZoneName, TradingHoursInput
 from protocol.topics import STORE_ID_PATTERN
 
 StoreId = Annotated[str, Field(pattern=STORE_ID_PATTERN, examples=["DE-BER-0001"])]
@@ -24,7 +24,7 @@ class StoreConfig(ConfigLayer):
 class StoreCreate(StoreConfig):
     id: StoreId
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = Field(
+    timezone: TimeZoneName | None = Field(
         default=None, description="IANA time zone; default: the template's, else UTC."
     )
     region: Annotated[str, Field(max_length=64)] | None = None
@@ -34,7 +34,7 @@ class StoreCreate(StoreConfig):
     template_version: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="A version of the template; default: its current one."
     )
-    trading_hours: dict[str, Any] | None = Field(
+    trading_hours: TradingHoursInput | None = Field(
         default=None,
         description="day or day range → 'HH:MM-HH:MM' | '00:00-24:00' | 'closed'; default: the template's.",
         examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}],
@@ -44,16 +44,6 @@ class StoreCreate(StoreConfig):
         description="Start provisioning (tokens, then wait for the template's devices); "
         "default: true with a template. Needs a template.",
     )
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        return known_zone(value)
-
-    @field_validator("trading_hours")
-    @classmethod
-    def _normal_hours(cls, value: Any) -> Any:
-        return normal_trading_hours(value)
 
     @field_validator("template_version", "provision")
     @classmethod
@@ -78,23 +68,13 @@ class StorePatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = None
+    timezone: TimeZoneName | None = None
     region: Annotated[str, Field(max_length=64)] | None = None
-    trading_hours: dict[str, Any] | None = Field(
+    trading_hours: TradingHoursInput | None = Field(
         default=None,
         description="day or day range → 'HH:MM-HH:MM' | '00:00-24:00' | 'closed'.",
         examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}, {"mon-sun": "closed"}],
     )
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        return known_zone(value)
-
-    @field_validator("trading_hours")
-    @classmethod
-    def _normal_hours(cls, value: Any) -> Any:
-        return normal_trading_hours(value)
 
     @model_validator(mode="after")
     def _something_and_nothing_unclearable(self) -> StorePatch:

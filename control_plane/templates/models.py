@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from control_plane.desired.layers import ConfigLayer
@@ -53,6 +53,11 @@ def normal_trading_hours(value: Any) -> Any:
         ) from None
 
 
+# Field types for a time zone and trading hours as operators write them (templates, stores).
+TimeZoneName = Annotated[str, AfterValidator(known_zone), Field(examples=["Europe/Berlin"])]
+TradingHoursInput = Annotated[dict[str, Any], AfterValidator(normal_trading_hours)]
+
+
 class TemplateSpec(BaseModel):
     """What an operator writes for a template version (the body of PUT)."""
 
@@ -76,24 +81,14 @@ class TemplateSpec(BaseModel):
         dict[Role, ConfigLayer],
         Field(max_length=MAX_ROLES, description="Per-role configuration layers; roles of the manifest only."),
     ] = Field(default_factory=dict)
-    timezone: Annotated[str | None, Field(examples=["Europe/Berlin"])] = Field(
+    timezone: TimeZoneName | None = Field(
         default=None, description="Default time zone of stores made from it."
     )
-    trading_hours: dict[str, Any] | None = Field(
+    trading_hours: TradingHoursInput | None = Field(
         default=None,
         description="Default trading hours: day or day range → 'HH:MM-HH:MM' | 'closed' (normalised).",
         examples=[{"mon-sat": "08:00-20:00", "sun": "closed"}],
     )
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        return known_zone(value)
-
-    @field_validator("trading_hours")
-    @classmethod
-    def _normal_hours(cls, value: Any) -> Any:
-        return normal_trading_hours(value)
 
     @field_validator("roles")
     @classmethod
