@@ -527,6 +527,20 @@ class Agent:
         self._health_queued.set()
         return seq
 
+    async def _publish_health(self, client: aiomqtt.Client, data: bytes, *, qos: int) -> None:
+        """Publish one report and count it once the client sent it (QoS 0) or the broker took
+        it (QoS 1), also when this task is cancelled meanwhile (a shutdown): a report the broker
+        may have is counted as published (the simulator compares these counts with what the
+        control plane received)."""
+        sending = asyncio.ensure_future(self._publish(client, TopicKind.HEALTH, data, qos=qos))
+        sending.add_done_callback(self._count_health)
+        await asyncio.shield(sending)
+
+    def _count_health(self, sending: asyncio.Future[None]) -> None:
+        # Retrieves the outcome either way (no "exception was never retrieved" after a cancel).
+        if not sending.cancelled() and sending.exception() is None:
+            self.stats.health_published += 1
+
     async def _health_sender(self, client: aiomqtt.Client) -> None:
         """Publish the outbox oldest first; a report leaves it only once published."""
         batch_size = self.settings.health_backlog_batch
@@ -542,8 +556,7 @@ class Agent:
                 data = payload.encode()
                 if index == 0 and dropped:
                     data = _with_dropped(payload, dropped)
-                await self._publish(client, TopicKind.HEALTH, data, qos=qos)
-                self.stats.health_published += 1
+                await self._publish_health(client, data, qos=qos)
             await self.state.io(self.state.health_sent, batch[-1][0], dropped_reported=dropped)
             if len(batch) > 1:
                 self.log.info("sent %d queued health reports (%d dropped before them)", len(batch), dropped)

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+import aiomqtt
 import pytest
 
 from agent.checks import SimulatedChecks
@@ -170,4 +171,38 @@ async def test_desired_state_published_while_the_agent_is_down_is_applied_when_i
     assert (report["status"], report["version"], report["applied_version"]) == ("applied", 2, 2)
     assert handler.applied.version == 2
     assert state.applied().version == 2
+    state.close()
+
+
+class _SlowClient:
+    """Stands in for the MQTT client: a publish completes (or fails) when the test says so."""
+
+    def __init__(self) -> None:
+        self.outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def publish(self, *_args: object, **_kwargs: object) -> None:
+        await self.outcome
+
+
+async def test_a_report_sent_while_the_sender_is_cancelled_is_counted_once_it_is_out(
+    tmp_path, broker, signing_key
+):
+    # A shutdown cancels the health sender between handing a report to the client and hearing
+    # that it went out; the simulator compares this count with what the control plane got.
+    state = AgentState.in_memory()
+    broker.enroll(state, "dev-0105", signing_key)
+    agent = Agent(fast_settings(tmp_path), state, MemoryHandler(), SimulatedProbe(1))
+    sent, failed = _SlowClient(), _SlowClient()
+
+    for client in (sent, failed):
+        sender = asyncio.create_task(agent._publish_health(client, b"{}", qos=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+    assert agent.stats.health_published == 0
+    sent.outcome.set_result(None)
+    failed.outcome.set_exception(aiomqtt.MqttError("connection lost"))
+    await asyncio.sleep(0.05)
+    assert agent.stats.health_published == 1  # the one that went out; the failure is not counted
     state.close()
