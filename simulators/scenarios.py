@@ -766,15 +766,25 @@ class Driver:
             if accepted != previous:
                 previous, still_since = accepted, time.monotonic()
             await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # and the last batch in the control plane's ingest buffer
-        devices = {d["id"]: d for d in await self._devices(api, store_ids)}
-        last_seq_mismatch = [
-            device_id
-            for device_id, figures in per_device.items()
-            if figures["health_published"]
-            and ((devices.get(device_id) or {}).get("health") or {}).get("seq")
-            != figures["health_published"] - 1
-        ]
+        # The device rows follow with the ingest's flushes (a large fleet: several of them):
+        # compare until they all match, or the mismatches stop shrinking for a second (10 s at most).
+        last_seq_mismatch: list[str] = []
+        deadline, still_since = time.monotonic() + 10, time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            devices = {d["id"]: d for d in await self._devices(api, store_ids)}
+            mismatch = [
+                device_id
+                for device_id, figures in per_device.items()
+                if figures["health_published"]
+                and ((devices.get(device_id) or {}).get("health") or {}).get("seq")
+                != figures["health_published"] - 1
+            ]
+            if len(mismatch) < len(last_seq_mismatch) or not last_seq_mismatch:
+                still_since = time.monotonic()
+            last_seq_mismatch = mismatch
+            if not mismatch or time.monotonic() - still_since > 1.0 or time.monotonic() > deadline:
+                break
         run_s = time.monotonic() - self.phases.get("agents_started", time.monotonic())
         figures: dict[str, Any] = {
             "sent": sent,
