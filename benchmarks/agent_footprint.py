@@ -1,13 +1,14 @@
 """Agent footprint: memory and CPU of one real `storefleet-agent run` process, idle and under config churn.
 
     python -m benchmarks.agent_footprint [--idle-seconds 60] [--churn-seconds 60] [--churn-interval 1.0]
-                                         [--json out.json]
+                                         [--postgres] [--mosquitto] [--json out.json]
 
 The control plane runs in its own process on embedded defaults (SQLite, built-in CA, embedded
-broker). One agent is enrolled with `storefleet-agent enroll` and started with
-`storefleet-agent run` (health interval as the control plane hands it out, 30 s by default),
-from `.venv-agent/`: a venv with only `pip install -e '.[agent]'`, as on a store device (made
-on first use; `--dev-venv` runs the development venv's agent instead).
+broker), or on a fresh PostgreSQL database and/or with the agent connected to Mosquitto. One
+agent is enrolled with `storefleet-agent enroll` and started with `storefleet-agent run`
+(health interval as the control plane hands it out, 30 s by default), from `.venv-agent/`: a
+venv with only `pip install -e '.[agent]'`, as on a store device (made on first use;
+`--dev-venv` runs the development venv's agent instead).
 Once it has applied its first configuration, psutil measures the agent process: RSS and USS,
 and CPU as % of one core, over an idle window and then over a window in which the store's
 configuration is replaced every --churn-interval seconds. The measuring phase holds an
@@ -17,6 +18,8 @@ exclusive lock on /tmp/storefleet-bench.lock so benchmarks on this machine don't
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import platform
 import shlex
@@ -31,7 +34,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.common import control_plane_process, emit_report, measuring_lock
+from benchmarks.common import control_plane_process, emit_report, measuring_lock, server_backend
 
 REPO = Path(__file__).resolve().parent.parent
 # The agent as a store device installs it: `pip install '.[agent]'` only. The development venv
@@ -168,13 +171,39 @@ def churn_window(
     return window, puts, failures
 
 
-def run(
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend (a PostgreSQL database, a Mosquitto) lives in this event loop; the measuring
+    blocks, so it runs in a thread meanwhile."""
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-bench-agent-")))
+        data_dir = tmp / "data"
+        extra, _, backend = await stack.enter_async_context(
+            server_backend(tmp, data_dir, postgres=args.postgres, mosquitto=args.mosquitto)
+        )
+        return await asyncio.to_thread(
+            measure,
+            args.idle_seconds,
+            args.churn_seconds,
+            args.churn_interval,
+            args.health_interval,
+            dev_venv=args.dev_venv,
+            serve_args=extra,
+            data_dir=data_dir,
+            backend=backend,
+        )
+    raise AssertionError("unreachable")
+
+
+def measure(
     idle_seconds: float,
     churn_seconds: float,
     churn_interval: float,
     health_interval: float | None,
     *,
     dev_venv: bool = False,
+    serve_args: list[str] | None = None,
+    data_dir: Path | None = None,
+    backend: str = "SQLite, embedded amqtt",
 ) -> dict[str, Any]:
     bin_dir = agent_bin_dir(dev_venv=dev_venv)
     report: dict[str, Any] = {
@@ -182,7 +211,7 @@ def run(
         "agent_install": "development venv" if dev_venv else "pip install '.[agent]' only",
     }
     with (
-        control_plane_process() as server,
+        control_plane_process(*(serve_args or []), data_dir=data_dir) as server,
         server.client() as api,
         tempfile.TemporaryDirectory(prefix="storefleet-bench-agent-") as tmp,
     ):
@@ -249,7 +278,7 @@ def run(
     idle_cpu = 100 * idle.cpu_used / idle.wall
     report.update(
         {
-            "backend": "SQLite, built-in CA, embedded broker; one agent process",
+            "backend": f"{backend}, built-in CA; one agent process",
             "health_interval_s": health_interval or "control-plane default (30)",
             "seconds_to_first_apply": round(sync_seconds, 2),
             "first_applied_version": started["applied_version"],
@@ -310,15 +339,11 @@ def main() -> None:
         action="store_true",
         help="run the agent from this (development) venv instead of a venv with only the [agent] extra",
     )
+    parser.add_argument("--postgres", action="store_true", help="the control plane on a fresh PostgreSQL")
+    parser.add_argument("--mosquitto", action="store_true", help="the agent on Mosquitto (mTLS + ACL)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = run(
-        args.idle_seconds,
-        args.churn_seconds,
-        args.churn_interval,
-        args.health_interval,
-        dev_venv=args.dev_venv,
-    )
+    report = asyncio.run(run(args))
     report["python"] = f"{platform.python_implementation()} {platform.python_version()}"
     report["command"] = shlex.join(["python", "-m", "benchmarks.agent_footprint", *sys.argv[1:]])
     emit_report(report, args.json)

@@ -56,6 +56,7 @@ from benchmarks.common import (
     emit_report,
     measuring_lock_async,
     percentile,
+    server_backend,
 )
 from control_plane.db.schema import devices, stores
 
@@ -350,26 +351,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storefleet-api-")))
         data_dir = tmp / "data"
-        extra: list[str] = []
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'storefleet.db'}"
-        if args.postgres:
-            from tests.support.postgres import fresh_database
-
-            database_url = await stack.enter_async_context(fresh_database())
-            extra += ["--database-url", database_url]
-        if args.mosquitto:
-            from control_plane.pki.ca import BuiltinCA
-            from control_plane.pki.files import write_public
-            from tests.support.mosquitto import MosquittoProcess
-
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            broker = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(broker)
-            extra += ["--broker-url", f"mqtts://{host}:{port}"]
+        extra, database_url, backend = await stack.enter_async_context(
+            server_backend(tmp, data_dir, postgres=args.postgres, mosquitto=args.mosquitto)
+        )
         server = stack.enter_context(control_plane_process(*extra, data_dir=data_dir))
         device_ids = await seed(database_url, args.devices // STORES)
         async with measuring_lock_async():
@@ -414,8 +398,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         return {
             "benchmark": "api_latency",
-            "backend": ("PostgreSQL" if args.postgres else "SQLite")
-            + (", Mosquitto" if args.mosquitto else ", embedded amqtt"),
+            "backend": backend,
             "devices_in_database": len(device_ids),
             "stores_in_database": STORES + EMPTY_STORES,
             "mix": dict(MIX),

@@ -102,6 +102,37 @@ def control_plane_process(
                 process.kill()
 
 
+@contextlib.asynccontextmanager
+async def server_backend(tmp: Path, data_dir: Path, *, postgres: bool, mosquitto: bool) -> AsyncIterator[Any]:
+    """For a `storefleet serve` process in `data_dir`: a fresh PostgreSQL database and/or a
+    Mosquitto with the product's mTLS + ACL config. Yields (extra `serve` arguments, database
+    URL, backend description); stops and drops them on exit."""
+    from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.files import write_public
+    from tests.support.mosquitto import MosquittoProcess
+    from tests.support.postgres import fresh_database
+
+    async with contextlib.AsyncExitStack() as stack:
+        extra: list[str] = []
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'storefleet.db'}"
+        if postgres:
+            database_url = await stack.enter_async_context(fresh_database())
+            extra += ["--database-url", database_url]
+        if mosquitto:
+            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
+            crl_file = data_dir / "pki" / "crl.pem"
+            write_public(crl_file, ca.crl_pem([]).encode())
+            broker = MosquittoProcess(
+                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
+            )
+            host, port = await stack.enter_async_context(broker)
+            extra += ["--broker-url", f"mqtts://{host}:{port}"]
+        backend = ("PostgreSQL" if postgres else "SQLite") + (
+            ", Mosquitto" if mosquitto else ", embedded amqtt"
+        )
+        yield extra, database_url, backend
+
+
 @contextlib.contextmanager
 def fresh_postgres_database(
     admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres",
