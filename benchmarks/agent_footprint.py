@@ -200,10 +200,10 @@ def measure(
     churn_interval: float,
     health_interval: float | None,
     *,
-    dev_venv: bool = False,
-    serve_args: list[str] | None = None,
-    data_dir: Path | None = None,
-    backend: str = "SQLite, embedded amqtt",
+    dev_venv: bool,
+    serve_args: list[str],
+    data_dir: Path,
+    backend: str,
 ) -> dict[str, Any]:
     bin_dir = agent_bin_dir(dev_venv=dev_venv)
     report: dict[str, Any] = {
@@ -211,7 +211,7 @@ def measure(
         "agent_install": "development venv" if dev_venv else "pip install '.[agent]' only",
     }
     with (
-        control_plane_process(*(serve_args or []), data_dir=data_dir) as server,
+        control_plane_process(*serve_args, data_dir=data_dir) as server,
         server.client() as api,
         tempfile.TemporaryDirectory(prefix="storefleet-bench-agent-") as tmp,
     ):

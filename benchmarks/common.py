@@ -102,14 +102,24 @@ def control_plane_process(
                 process.kill()
 
 
+def mosquitto_for(tmp: Path, data_dir: Path) -> Any:
+    """A `MosquittoProcess` (enter it) trusting the control plane's built-in CA in `data_dir`
+    (made now if missing, with an empty CRL), configured as the product generates it."""
+    from control_plane.pki.ca import BuiltinCA
+    from control_plane.pki.files import write_public
+    from tests.support.mosquitto import MosquittoProcess
+
+    ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
+    crl_file = data_dir / "pki" / "crl.pem"
+    write_public(crl_file, ca.crl_pem([]).encode())
+    return MosquittoProcess(ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file)
+
+
 @contextlib.asynccontextmanager
 async def server_backend(tmp: Path, data_dir: Path, *, postgres: bool, mosquitto: bool) -> AsyncIterator[Any]:
     """For a `storefleet serve` process in `data_dir`: a fresh PostgreSQL database and/or a
     Mosquitto with the product's mTLS + ACL config. Yields (extra `serve` arguments, database
     URL, backend description); stops and drops them on exit."""
-    from control_plane.pki.ca import BuiltinCA
-    from control_plane.pki.files import write_public
-    from tests.support.mosquitto import MosquittoProcess
     from tests.support.postgres import fresh_database
 
     async with contextlib.AsyncExitStack() as stack:
@@ -119,13 +129,7 @@ async def server_backend(tmp: Path, data_dir: Path, *, postgres: bool, mosquitto
             database_url = await stack.enter_async_context(fresh_database())
             extra += ["--database-url", database_url]
         if mosquitto:
-            ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-            crl_file = data_dir / "pki" / "crl.pem"
-            write_public(crl_file, ca.crl_pem([]).encode())
-            broker = MosquittoProcess(
-                ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file
-            )
-            host, port = await stack.enter_async_context(broker)
+            host, port = await stack.enter_async_context(mosquitto_for(tmp, data_dir))
             extra += ["--broker-url", f"mqtts://{host}:{port}"]
         backend = ("PostgreSQL" if postgres else "SQLite") + (
             ", Mosquitto" if mosquitto else ", embedded amqtt"
@@ -215,11 +219,8 @@ async def benchmark_control_plane(
     Mosquitto (configured as `storefleet broker-config mosquitto` would), with the product's
     flush interval and no per-source enrollment limit (every agent comes from 127.0.0.1).
     Returns (RunningControlPlane, MosquittoProcess or None); `stack` closes them."""
-    from control_plane.pki.ca import BuiltinCA
-    from control_plane.pki.files import write_public
     from control_plane.settings import ControlPlaneSettings
     from tests.support.control_plane import running_control_plane
-    from tests.support.mosquitto import MosquittoProcess
     from tests.support.postgres import fresh_database
 
     data_dir = tmp / "control-plane"
@@ -235,10 +236,7 @@ async def benchmark_control_plane(
     if postgres:
         settings["database_url"] = await stack.enter_async_context(fresh_database())
     if mosquitto:
-        ca = BuiltinCA.load_or_create(data_dir / "pki", trust_domain="storefleet.local")
-        crl_file = data_dir / "pki" / "crl.pem"
-        write_public(crl_file, ca.crl_pem([]).encode())
-        broker = MosquittoProcess(ca, tmp / "mosquitto", client_id_from_certificate=True, crl_file=crl_file)
+        broker = mosquitto_for(tmp, data_dir)
         host, port = await stack.enter_async_context(broker)
         settings["broker_url"] = f"mqtts://{host}:{port}"
         settings["broker_log_file"] = broker.log_file

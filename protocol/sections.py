@@ -17,8 +17,10 @@ message says what is wrong there.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any
 
 from pydantic import (
@@ -38,6 +40,7 @@ ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 MAX_ENV_VARIABLES = 256
 MAX_ENV_VALUE = 4096
 _ENV_FORBIDDEN = ("\n", "\r", "\0")
+EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 AppId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
@@ -79,14 +82,17 @@ class Policies(BaseModel):
         return self
 
 
-# Each policy on its own (a layer sets some of them; the combination is checked on the result).
-def _value_adapter(field: FieldInfo) -> TypeAdapter[Any]:
-    if field.metadata:  # constraints pydantic moved off the annotation
-        return TypeAdapter(Annotated[(field.annotation, *field.metadata)])  # type: ignore[arg-type]
-    return TypeAdapter(field.annotation)  # type: ignore[arg-type]
+@functools.cache
+def _policy_values() -> dict[str, TypeAdapter[Any]]:
+    """Each policy on its own (a layer sets some of them; the combination is checked on the
+    result). Built on first use: only the control plane checks layers, agents never do."""
 
+    def adapter(field: FieldInfo) -> TypeAdapter[Any]:
+        if field.metadata:  # constraints pydantic moved off the annotation
+            return TypeAdapter(Annotated[(field.annotation, *field.metadata)])  # type: ignore[arg-type]
+        return TypeAdapter(field.annotation)  # type: ignore[arg-type]
 
-_POLICY_VALUES = {name: _value_adapter(field) for name, field in Policies.model_fields.items()}
+    return {name: adapter(field) for name, field in Policies.model_fields.items()}
 
 
 def parse_policies(policies: Mapping[str, Any]) -> tuple[Policies, list[str]]:
@@ -101,9 +107,7 @@ def parse_policies(policies: Mapping[str, Any]) -> tuple[Policies, list[str]]:
 
 def env_variables(config: Mapping[str, Any]) -> dict[str, str]:
     """``config.env`` of a complete document, checked."""
-    env = config.get(ENV_KEY, {})
-    if not isinstance(env, Mapping):
-        raise SectionError("config.env", "config.env must be an object of NAME: value")
+    env = _env_object(config.get(ENV_KEY, {}))
     if len(env) > MAX_ENV_VARIABLES:
         raise SectionError("config.env", f"config.env has {len(env)} variables; at most {MAX_ENV_VARIABLES}")
     for name, value in env.items():
@@ -112,24 +116,22 @@ def env_variables(config: Mapping[str, Any]) -> dict[str, str]:
     return dict(env)
 
 
-def check_patch(policies: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+def check_patch(policies: Mapping[str, Any] = EMPTY, config: Mapping[str, Any] = EMPTY) -> None:
     """A layer's sections (merge patches: `null` deletes): every value it sets must be one the
     agent accepts on its own. What depends on other layers (kiosk_mode needs kiosk_app, the
     number of variables) is checked on the merged result (`check_document`)."""
+    adapters = _policy_values()
     for name, value in policies.items():
-        adapter = _POLICY_VALUES.get(name)
-        if value is None or adapter is None:
+        if value is None or name not in adapters:
             continue
         try:
-            adapter.validate_python(value)
+            adapters[name].validate_python(value)
         except ValidationError as exc:
             raise _section_error(f"policies.{name}", exc) from None
     env = config.get(ENV_KEY)
     if env is None:
         return
-    if not isinstance(env, Mapping):
-        raise SectionError("config.env", "config.env must be an object of NAME: value")
-    for name, value in env.items():
+    for name, value in _env_object(env).items():
         _check_env_name(name)
         if value is not None:
             _check_env_value(name, value)
@@ -139,6 +141,12 @@ def check_document(policies: Mapping[str, Any], config: Mapping[str, Any]) -> No
     """A complete (merged) desired state: what the agent's handlers will check."""
     env_variables(config)
     parse_policies(policies)
+
+
+def _env_object(env: Any) -> Mapping[str, Any]:
+    if not isinstance(env, Mapping):
+        raise SectionError("config.env", "config.env must be an object of NAME: value")
+    return env
 
 
 def _check_env_name(name: str) -> None:

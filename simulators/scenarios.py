@@ -477,14 +477,7 @@ class Driver:
         await asyncio.gather(*(one(i, s) for i, s in enumerate(store_ids)))
         return made
 
-    async def _propagate(
-        self,
-        api: httpx.AsyncClient,
-        store_ids: list[str],
-        change: int,
-        *,
-        settle_timeout: float | None = None,
-    ) -> tuple[dict[str, Any], dict[str, int], float]:
+    async def _propagate(self, api: httpx.AsyncClient, store_ids: list[str], change: int) -> dict[str, Any]:
         baseline = self.recorder.versions()
         self._phase(f"change {change}: applied", self.config.devices)
         self.baseline = baseline
@@ -494,8 +487,33 @@ class Driver:
         settled = await self._until(
             f"change {change} to reach every device",
             lambda: self.recorder.settled_count(baseline) == self.config.devices,
-            settle_timeout,
         )
+        return await self._change_figures(
+            api,
+            store_ids,
+            change,
+            baseline=baseline,
+            made=made,
+            started=started,
+            settled=settled,
+            api_s=put_s,
+        )
+
+    async def _change_figures(
+        self,
+        api: httpx.AsyncClient,
+        store_ids: list[str],
+        change: int,
+        *,
+        baseline: dict[str, int],
+        made: dict[str, float],
+        started: float,
+        settled: bool,
+        api_s: float,
+    ) -> dict[str, Any]:
+        """A change's figures once it settled (or timed out): per device, from its store's
+        `made` time to its first apply of a newer version; failures; until the control plane
+        has every report. Also the progress and latency series for the plots."""
         all_settled = time.monotonic() - started
         latencies: list[float] = []
         failed = 0
@@ -510,17 +528,16 @@ class Driver:
         reported = await self._until_reported(api, store_ids, self.recorder.versions())
         self.series["rollout_progress"] = rollout_progress(self.recorder, baseline, started, time.monotonic())
         self.series["latencies"][f"change {change} applied"] = latencies
-        figures = {
+        return {
             "settled": settled,
             "applied": len(latencies),
             "failed": failed,
             "pending": self.config.devices - len(latencies) - failed,
-            "api_seconds": round(put_s, 3),
+            "api_seconds": round(api_s, 3),
             "all_applied_or_failed_seconds": round(all_settled, 3),
             "propagation": summary(latencies),
             "control_plane_reported_all_seconds": reported,
         }
-        return figures, baseline, started
 
     async def _rollouts(self, api: httpx.AsyncClient, store_ids: list[str]) -> dict[str, Any]:
         changes = []
@@ -528,8 +545,7 @@ class Driver:
             if self.config.via == "release":
                 changes.append(await self._ship_release(api, store_ids, change))
             else:
-                figures, _, _ = await self._propagate(api, store_ids, change)
-                changes.append(figures)
+                changes.append(await self._propagate(api, store_ids, change))
         what = {
             "release": "per change a release and a rollout of it to every store (one 100 % wave); "
             "per device: rollout created → applied; the next change once the rollout finished",
@@ -565,7 +581,7 @@ class Driver:
                 break
             await asyncio.sleep(0.25)
         # Does the fleet still take a change after the storm?
-        after, _, _ = await self._propagate(api, store_ids, 1)
+        after = await self._propagate(api, store_ids, 1)
         return {
             "what": what,
             "all_reconnected": done,
@@ -657,37 +673,27 @@ class Driver:
             f"change {change} to reach every device",
             lambda: self.recorder.settled_count(baseline) == config.devices,
         )
-        all_settled = time.monotonic() - started
-        latencies: list[float] = []
-        after_closing: list[float] = []
-        failed = 0
-        for record in records:
-            outcome = record.settled_after(baseline.get(record.device_id, 0))
-            if outcome is None:
-                continue
-            if not outcome[2]:
-                failed += 1
-            elif record.store_id in trading:
-                latencies.append(outcome[1] - closed_at)
-                after_closing.append(outcome[1] - closed_at)
-            else:
-                latencies.append(outcome[1] - started)
-        reported = await self._until_reported(api, store_ids, self.recorder.versions())
-        finished = await self._rollout_finished(api, name, started)
-        self.series["rollout_progress"] = rollout_progress(self.recorder, baseline, started, time.monotonic())
-        self.series["latencies"][f"change {change} applied"] = latencies
-        figures: dict[str, Any] = {
-            "settled": open_settled and settled,
-            "applied": len(latencies),
-            "failed": failed,
-            "pending": config.devices - len(latencies) - failed,
-            "api_seconds": round(api_s, 3),
-            "all_applied_or_failed_seconds": round(all_settled, 3),
-            "propagation": summary(latencies),
-            "control_plane_reported_all_seconds": reported,
-            "rollout": {"id": name, **finished},
-        }
+        # Latency counts from the rollout, or for a trading store's devices from its closing.
+        made = {store_id: closed_at if store_id in trading else started for store_id in store_ids}
+        figures = await self._change_figures(
+            api,
+            store_ids,
+            change,
+            baseline=baseline,
+            made=made,
+            started=started,
+            settled=open_settled and settled,
+            api_s=api_s,
+        )
+        figures["rollout"] = {"id": name, **await self._rollout_finished(api, name, started)}
         if trading_figures is not None:
+            after_closing = [
+                outcome[1] - closed_at
+                for record in records
+                if record.store_id in trading
+                and (outcome := record.settled_after(baseline.get(record.device_id, 0))) is not None
+                and outcome[2]
+            ]
             figures["trading"] = {**trading_figures, "applied_after_closing": summary(after_closing)}
         return figures
 

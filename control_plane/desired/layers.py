@@ -7,9 +7,10 @@ priority, then id) → device overrides (`control_plane.desired.assembly` gather
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,13 +43,15 @@ class ConfigLayer(BaseModel):
     @field_validator("config")
     @classmethod
     def _agents_accept_the_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        _accepted(lambda: check_patch({}, config))
+        with _refused_by_agents():
+            check_patch(config=config)
         return config
 
     @field_validator("policies")
     @classmethod
     def _agents_accept_the_policies(cls, policies: dict[str, Any]) -> dict[str, Any]:
-        _accepted(lambda: check_patch(policies, {}))
+        with _refused_by_agents():
+            check_patch(policies=policies)
         return policies
 
     def as_layer(self) -> dict[str, dict[str, Any]]:
@@ -63,9 +66,11 @@ class ConfigLayer(BaseModel):
         }
 
 
-def _accepted(check: Callable[[], None]) -> None:
+@contextlib.contextmanager
+def _refused_by_agents() -> Iterator[None]:
+    """A `SectionError` as a validation error of the field being checked."""
     try:
-        check()
+        yield
     except SectionError as exc:
         raise PydanticCustomError("refused_by_agents", "{message}", {"message": exc.message}) from None
 
